@@ -1,0 +1,36 @@
+"""Engine construction arguments (SGLang's ServerArgs names for what the engine supports)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCHEDULE_POLICIES = ("fcfs", "lpm")
+
+
+@dataclass(slots=True)
+class EngineArgs:
+    model_path: str
+    tokenizer_path: str | None = None  # default: model_path
+    dtype: str = "auto"  # auto (the checkpoint's), bfloat16, float16, float32
+    device: str = "auto"  # auto (cuda when present), cpu, cuda
+    mem_fraction_static: float | None = None  # default 0.85 on CUDA, 0.3 of free RAM on CPU
+    max_total_tokens: int | None = None  # KV pool size in tokens; overrides the fraction
+    max_running_requests: int = 256
+    context_length: int | None = None  # default: the model's max_position_embeddings
+    chunked_prefill_size: int = 4096  # <= 0 disables chunking
+    schedule_policy: str = "fcfs"
+    disable_radix_cache: bool = False
+    random_seed: int = 0
+
+    def validate(self) -> None:
+        if self.schedule_policy not in SCHEDULE_POLICIES:
+            raise ValueError(
+                f"schedule_policy must be one of {', '.join(SCHEDULE_POLICIES)}, "
+                f"got {self.schedule_policy!r}"
+            )
+        if self.max_running_requests < 1:
+            raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
+        if self.max_total_tokens is not None and self.max_total_tokens < 2:
+            raise ValueError(f"max_total_tokens must be >= 2, got {self.max_total_tokens}")
+        if self.context_length is not None and self.context_length < 2:
+            raise ValueError(f"context_length must be >= 2, got {self.context_length}")

@@ -1,0 +1,305 @@
+"""`Engine`: the in-process API. Owns the model, KV pool, cache and scheduler, and runs the
+scheduler loop on one background thread; callers submit from any thread or event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from transformers import AutoTokenizer
+
+from rollserve.engine.args import EngineArgs
+from rollserve.engine.detokenizer import IncrementalDetokenizer
+from rollserve.engine.kv_pool import KVPool, ReqToTokenTable, pool_size_from_memory
+from rollserve.engine.model_runner import ModelRunner
+from rollserve.engine.output import TokenTexts, build_output
+from rollserve.engine.radix_cache import RadixCache
+from rollserve.engine.request import Req
+from rollserve.engine.scheduler import Scheduler, SchedulerConfig
+from rollserve.engine.validation import GenerateInput, RequestLimits, normalise_request
+from rollserve.models.config import load_model_config
+from rollserve.models.loader import load_model, resolve_device, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Prompt = str | list[str] | None
+TokenIds = list[int] | list[list[int]] | None
+
+
+class Engine:
+    def __init__(self, model_path: str | None = None, **kwargs: Any) -> None:
+        args = kwargs.pop("args", None) or EngineArgs(model_path=model_path, **kwargs)
+        args.validate()
+        self.args = args
+        self.device = resolve_device(args.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or args.model_path)
+        self._token_texts = TokenTexts(self.tokenizer)
+        self._build_model()
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rollserve-engine", daemon=True)
+        self._thread.start()
+
+    def _build_model(self) -> None:
+        args = self.args
+        self.model_config = config = load_model_config(args.model_path)
+        self.dtype = resolve_dtype(args.dtype, config)
+        self.context_len = args.context_length or config.max_position_embeddings
+        self.model = load_model(args.model_path, self.dtype, self.device, self.context_len)
+        fraction = args.mem_fraction_static or _default_fraction(self.device)
+        pool_size = args.max_total_tokens or pool_size_from_memory(
+            config, self.dtype, self.device, fraction
+        )
+        self.pool = KVPool(config, pool_size, self.dtype, self.device)
+        table = ReqToTokenTable(
+            args.max_running_requests, min(self.context_len, pool_size) + 1, self.device
+        )
+        self.cache = RadixCache(self.pool, disabled=args.disable_radix_cache)
+        self.limits = RequestLimits(config.vocab_size, self.context_len, pool_size)
+        self.eos_ids = _eos_ids(Path(args.model_path), config.eos_token_id, self.tokenizer)
+        generator = torch.Generator(device=self.device).manual_seed(args.random_seed)
+        runner = ModelRunner(self.model, self.pool, table)
+        self.scheduler = Scheduler(
+            SchedulerConfig(args.max_running_requests, args.chunked_prefill_size,
+                            args.schedule_policy, self.context_len),
+            runner, self.pool, table, self.cache, self.eos_ids, generator,
+        )
+        logger.info(
+            "loaded %s (%s) dtype=%s device=%s; KV pool: %d tokens",
+            args.model_path, config.architecture, str(self.dtype).removeprefix("torch."),
+            self.device, pool_size,
+        )
+
+    # ---- public API ---------------------------------------------------------------------
+
+    def generate(
+        self, prompt: Prompt = None, sampling_params: dict | list[dict] | None = None,
+        input_ids: TokenIds = None, return_logprob: bool = False, logprob_start_len: int = -1,
+        top_logprobs_num: int = 0, return_text_in_logprobs: bool = False,
+        rid: str | list[str] | None = None,
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        """Blocking generation. A single prompt with n == 1 returns one dict; otherwise a
+        list, prompt-major with n samples each (index i * n + j)."""
+        batched, inputs = self.prepare(
+            prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
+            top_logprobs_num, return_text_in_logprobs, rid,
+        )
+        done = [concurrent.futures.Future() for _ in inputs]
+
+        def on_output(i: int, output: dict[str, Any], finished: bool) -> None:
+            if finished:
+                done[i].set_result(output)
+
+        self.submit(inputs, on_output, stream=False)
+        outputs = [f.result() for f in done]
+        return outputs if batched or len(outputs) > 1 else outputs[0]
+
+    async def async_generate(
+        self, prompt: Prompt = None, sampling_params: dict | list[dict] | None = None,
+        input_ids: TokenIds = None, return_logprob: bool = False, logprob_start_len: int = -1,
+        top_logprobs_num: int = 0, return_text_in_logprobs: bool = False,
+        rid: str | list[str] | None = None,
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        """`generate` for asyncio code."""
+        batched, inputs = self.prepare(
+            prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
+            top_logprobs_num, return_text_in_logprobs, rid,
+        )
+        outputs: list[dict[str, Any]] = [{} for _ in inputs]
+        async for index, output, finished in self.stream_inputs(inputs, stream=False):
+            if finished:
+                outputs[index] = output
+        return outputs if batched or len(outputs) > 1 else outputs[0]
+
+    async def stream(
+        self, prompt: Prompt = None, sampling_params: dict | list[dict] | None = None,
+        input_ids: TokenIds = None, return_logprob: bool = False, logprob_start_len: int = -1,
+        top_logprobs_num: int = 0, return_text_in_logprobs: bool = False,
+        rid: str | list[str] | None = None,
+    ) -> AsyncIterator[tuple[int, dict[str, Any], bool]]:
+        """Yields (index, cumulative output, finished) after every step that advanced a
+        request (index as in `generate`'s list)."""
+        _, inputs = self.prepare(
+            prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
+            top_logprobs_num, return_text_in_logprobs, rid,
+        )
+        async for update in self.stream_inputs(inputs, stream=True):
+            yield update
+
+    async def stream_inputs(
+        self, inputs: list[GenerateInput], stream: bool
+    ) -> AsyncIterator[tuple[int, dict[str, Any], bool]]:
+        """Submit prepared inputs and yield their updates; leaving early (or being
+        cancelled) aborts the requests still running, freeing their KV slots."""
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue[tuple[int, dict[str, Any], bool]] = asyncio.Queue()
+
+        def on_output(i: int, output: dict[str, Any], finished: bool) -> None:
+            loop.call_soon_threadsafe(updates.put_nowait, (i, output, finished))
+
+        self.submit(inputs, on_output, stream=stream)
+        remaining = len(inputs)
+        try:
+            while remaining:
+                update = await updates.get()
+                remaining -= update[2]
+                yield update
+        finally:
+            if remaining:
+                for item in inputs:
+                    self.abort(item.rid)
+
+    def prepare(
+        self, prompt: Prompt, sampling_params: dict | list[dict] | None, input_ids: TokenIds,
+        return_logprob: bool = False, logprob_start_len: int = -1, top_logprobs_num: int = 0,
+        return_text_in_logprobs: bool = False, rid: str | list[str] | None = None,
+    ) -> tuple[bool, list[GenerateInput]]:
+        """Validate and normalise a generate call; raises ValueError naming the problem."""
+        return normalise_request(
+            self.tokenizer, self.limits, prompt, sampling_params, input_ids, return_logprob,
+            logprob_start_len, top_logprobs_num, return_text_in_logprobs, rid,
+        )
+
+    def submit(
+        self, inputs: list[GenerateInput], on_output: Callable[[int, dict, bool], None],
+        stream: bool,
+    ) -> None:
+        """Queue prepared inputs. `on_output(index, output, finished)` runs on the engine
+        thread: after every step when streaming, else only when the request finishes."""
+        reqs = [self._make_req(i, item, on_output, stream) for i, item in enumerate(inputs)]
+        for req, item in zip(reqs, inputs, strict=True):
+            if item.leader_index is not None:
+                req.leader = reqs[item.leader_index]
+        self._run_on_loop(lambda: [self.scheduler.add(r) for r in reqs])
+
+    def abort(self, rid: str) -> None:
+        self._run_on_loop(lambda: self.scheduler.abort(rid))
+
+    def abort_all(self, message: str = "aborted by request") -> None:
+        self._run_on_loop(lambda: self.scheduler.abort_all(message))
+
+    def flush_cache(self) -> int:
+        """Drop every cache entry no running request uses; returns the tokens freed."""
+        return self._call(self.scheduler.flush_cache)
+
+    def stats(self) -> dict[str, Any]:
+        def read() -> dict[str, Any]:
+            s = self.scheduler.stats
+            return {
+                "num_running_reqs": len(self.scheduler.running),
+                "num_waiting_reqs": len(self.scheduler.waiting),
+                "kv_pool_size": self.pool.size,
+                "kv_used_tokens": self.pool.num_used,
+                "cache_tokens": self.cache.total_size,
+                "evictable_tokens": self.cache.evictable_size,
+                "steps": s.steps, "prompt_tokens": s.prompt_tokens,
+                "cached_tokens": s.cached_tokens, "generated_tokens": s.generated_tokens,
+                "retracted": s.retracted, "max_running": s.max_running,
+            }
+        return self._call(read)
+
+    def shutdown(self) -> None:
+        if self._stopped.is_set():
+            return
+        self.abort_all("engine shut down")
+        self._stopped.set()
+        self._commands.put(lambda: None)  # wake the loop
+        self._thread.join(timeout=30)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ---- engine thread ------------------------------------------------------------------
+
+    def _make_req(
+        self, index: int, item: GenerateInput, on_output: Callable[[int, dict, bool], None],
+        stream: bool,
+    ) -> Req:
+        texts = self._token_texts if item.text_in_logprobs else None
+
+        def emit(req: Req) -> None:
+            if stream or req.finished:
+                on_output(index, build_output(req, texts), req.finished)
+
+        seed = item.sampling.sampling_seed
+        req = Req(
+            rid=item.rid, input_ids=item.input_ids, sampling=item.sampling,
+            detokenizer=IncrementalDetokenizer.for_prompt(
+                self.tokenizer, item.input_ids, item.sampling.skip_special_tokens
+            ),
+            on_output=emit, logprob=item.logprob,
+            seed_generator=torch.Generator().manual_seed(seed) if seed is not None else None,
+        )
+        if item.logprob is not None and item.logprob.start_len == 0:
+            req.input_logprobs.append((None, item.input_ids[0]))
+            req.input_top_logprobs.append(None)
+        return req
+
+    def _run_on_loop(self, fn: Callable[[], object]) -> None:
+        self._commands.put(fn)
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the engine thread between steps and return its result."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn())
+            except Exception as exc:
+                future.set_exception(exc)
+
+        self._commands.put(run)
+        return future.result()
+
+    def _loop(self) -> None:
+        while not self._stopped.is_set():
+            self._drain_commands(block=not self.scheduler.has_work)
+            if self._stopped.is_set():
+                break
+            try:
+                self.scheduler.step()
+            except Exception:
+                # Fail the requests in flight, never the engine: later requests still run.
+                logger.exception("engine step failed; aborting the requests in flight")
+                self.scheduler.abort_all("internal error in the engine step (see server log)")
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(block=block)
+        except queue.Empty:
+            return
+        while True:
+            command()
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+
+def _default_fraction(device: torch.device) -> float:
+    # On CPU the pool shares RAM with everything else on the machine: take less of it.
+    return 0.85 if device.type == "cuda" else 0.3
+
+
+def _eos_ids(model_path: Path, config_eos: tuple[int, ...], tokenizer: Any) -> tuple[int, ...]:
+    ids = set(config_eos)
+    generation_config = model_path / "generation_config.json"
+    if generation_config.is_file():
+        eos = json.loads(generation_config.read_text()).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else eos or [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return tuple(sorted(ids))
+

@@ -1,0 +1,125 @@
+"""Batched next-token sampling with per-request parameters, and logprob extraction.
+
+Logprobs are always taken from the model's own distribution: log-softmax of the raw logits,
+before penalties, temperature, top-k/top-p/min-p. A trainer that recomputes logprobs with the
+same weights therefore gets the same numbers, whatever sampling settings produced the tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rollserve.engine.request import Logprob, Req
+from rollserve.engine.sampling_params import GREEDY_TEMPERATURE
+
+
+def sample(
+    logits: torch.Tensor, reqs: list[Req], eos_ids: tuple[int, ...], generator: torch.Generator
+) -> torch.Tensor:
+    """logits: float32 [len(reqs), vocab] -> next token ids [len(reqs)] (int64, on CPU)."""
+    logits = _apply_penalties(logits, reqs)
+    logits = _ban_stops_before_min_tokens(logits, reqs, eos_ids)
+    greedy_ids = logits.argmax(dim=-1)
+    if all(r.sampling.is_greedy for r in reqs):
+        return greedy_ids.cpu()
+    temperatures = torch.tensor(
+        [max(r.sampling.temperature, GREEDY_TEMPERATURE) for r in reqs], device=logits.device
+    )
+    probs = torch.softmax(logits / temperatures[:, None], dim=-1)
+    probs = _filter(probs, reqs)
+    noise = _exponential_noise(probs, reqs, generator)
+    sampled = (probs / noise).argmax(dim=-1)  # exponential race == multinomial draw
+    greedy = torch.tensor([r.sampling.is_greedy for r in reqs], device=logits.device)
+    return torch.where(greedy, greedy_ids, sampled).cpu()
+
+
+def _apply_penalties(logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
+    rows = [
+        i for i, r in enumerate(reqs)
+        if r.sampling.repetition_penalty != 1.0 or r.sampling.frequency_penalty != 0.0
+        or r.sampling.presence_penalty != 0.0
+    ]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    vocab, device = logits.shape[1], logits.device
+    for i in rows:
+        params, row = reqs[i].sampling, logits[i]
+        if params.repetition_penalty != 1.0:
+            seen = torch.tensor(reqs[i].fill_ids, device=device).unique()
+            values = row[seen]
+            row[seen] = torch.where(
+                values > 0, values / params.repetition_penalty, values * params.repetition_penalty
+            )
+        if reqs[i].output_ids and (params.frequency_penalty or params.presence_penalty):
+            counts = torch.bincount(
+                torch.tensor(reqs[i].output_ids, device=device), minlength=vocab
+            ).to(row.dtype)
+            row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+    return logits
+
+
+def _ban_stops_before_min_tokens(
+    logits: torch.Tensor, reqs: list[Req], eos_ids: tuple[int, ...]
+) -> torch.Tensor:
+    rows = [i for i, r in enumerate(reqs) if len(r.output_ids) < r.sampling.min_new_tokens]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for i in rows:
+        params = reqs[i].sampling
+        banned = list(params.stop_token_ids) + ([] if params.ignore_eos else list(eos_ids))
+        logits[i, banned] = float("-inf")
+    return logits
+
+
+def _filter(probs: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
+    """Zero out tokens outside top-k, top-p and min-p (rows without them are untouched)."""
+    top_k = [r.sampling.top_k if r.sampling.top_k > 0 else probs.shape[1] for r in reqs]
+    top_p = [r.sampling.top_p for r in reqs]
+    min_p = [r.sampling.min_p for r in reqs]
+    device = probs.device
+    if any(k < probs.shape[1] for k in top_k) or any(p < 1.0 for p in top_p):
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        ranks = torch.arange(probs.shape[1], device=device)[None, :]
+        k = torch.tensor(top_k, device=device)[:, None]
+        p = torch.tensor(top_p, device=device)[:, None]
+        # keep a token while the mass before it is < top_p (so the top token always stays)
+        cutoff = (ranks >= k) | (sorted_probs.cumsum(dim=-1) - sorted_probs >= p)
+        sorted_probs = sorted_probs.masked_fill(cutoff, 0.0)
+        probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs)
+    if any(m > 0 for m in min_p):
+        threshold = torch.tensor(min_p, device=device)[:, None] * probs.amax(-1, keepdim=True)
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    return probs
+
+
+def _exponential_noise(
+    probs: torch.Tensor, reqs: list[Req], generator: torch.Generator
+) -> torch.Tensor:
+    """Exp(1) noise per token. A request with `sampling_seed` draws from its own generator, so
+    its tokens do not depend on which other requests share the batch."""
+    noise = torch.empty_like(probs)
+    noise.exponential_(generator=generator)
+    for i, req in enumerate(reqs):
+        if req.seed_generator is not None:
+            own = torch.empty(probs.shape[1], dtype=probs.dtype)
+            noise[i] = own.exponential_(generator=req.seed_generator).to(probs.device)
+    return noise
+
+
+def token_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, top_num: int
+) -> tuple[list[Logprob], list[list[Logprob]]]:
+    """Logprobs of `token_ids` (one per row) under log-softmax(logits), plus each row's
+    `top_num` most likely alternatives."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = logprobs.gather(1, token_ids.to(logprobs.device)[:, None]).squeeze(1).tolist()
+    pairs = list(zip(chosen, token_ids.tolist(), strict=True))
+    if top_num <= 0:
+        return pairs, [[] for _ in pairs]
+    values, ids = logprobs.topk(top_num, dim=-1)
+    tops = [
+        list(zip(v, t, strict=True)) for v, t in zip(values.tolist(), ids.tolist(), strict=True)
+    ]
+    return pairs, tops

@@ -1,0 +1,93 @@
+"""Build a CausalLM from a local Hugging Face checkpoint directory (safetensors only)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from rollserve.models.config import ModelConfig, load_model_config
+from rollserve.models.llama import CausalLM
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_dtype(dtype: str, config: ModelConfig) -> torch.dtype:
+    if dtype == "auto":
+        return DTYPES.get(config.torch_dtype or "float32", torch.float32)
+    if dtype not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise ValueError(f"unsupported device {device!r}; choose auto, cpu or cuda")
+    return torch.device(device)
+
+
+def load_model(
+    model_path: str | Path, dtype: torch.dtype, device: torch.device, max_positions: int
+) -> CausalLM:
+    config = load_model_config(model_path)
+    with torch.device("meta"):
+        model = CausalLM(config, max_positions)
+    model = model.to_empty(device=device).to(dtype=dtype)
+    # The rope tables are computed, not loaded; they stay float32 for exact angles.
+    model.model.rotary.build_tables(device)
+    load_weights(model, iter_checkpoint_tensors(model_path))
+    return model.eval()
+
+
+def load_weights(model: CausalLM, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Copy every checkpoint tensor into the parameter of the same name; all must match."""
+    params = dict(model.named_parameters())
+    missing = set(params)
+    for name, tensor in tensors:
+        if name not in params:
+            if name == "lm_head.weight" and model.config.tie_word_embeddings:
+                continue  # some tied checkpoints still carry a copy of the embedding
+            raise ValueError(f"checkpoint tensor {name!r} matches no parameter of the model")
+        param = params[name]
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise ValueError(
+                f"shape mismatch for {name!r}: checkpoint {tuple(tensor.shape)}, "
+                f"model expects {tuple(param.shape)}"
+            )
+        with torch.no_grad():
+            param.copy_(tensor)
+        missing.discard(name)
+    if missing:
+        raise ValueError(f"checkpoint lacks tensors: {', '.join(sorted(missing))}")
+
+
+def iter_checkpoint_tensors(model_path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in checkpoint_files(Path(model_path)):
+        with safe_open(str(file), framework="pt") as reader:
+            for name in reader.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                yield name, reader.get_tensor(name)
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [path / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors weights found in {path}")
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"checkpoint shard listed in the index is missing: {file}")
+    return files

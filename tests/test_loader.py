@@ -1,0 +1,68 @@
+"""Checkpoint loading: supported architectures, sharded files, and clear failures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from rollserve import Engine
+from rollserve.models.config import SUPPORTED_ARCHITECTURES
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_sharded_checkpoint_loads_and_generates(tiny_model_factory) -> None:
+    path = tiny_model_factory("qwen2", num_shards=2)
+    assert (path / "model.safetensors.index.json").is_file()
+    with Engine(str(path), device="cpu", max_total_tokens=256) as engine:
+        out = engine.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 4,
+                              "ignore_eos": True})
+    assert len(out["output_ids"]) == 4
+
+
+def test_unsupported_architecture_lists_the_supported_ones(llama_path, tmp_path) -> None:
+    path = _copy(llama_path, tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel") as err:
+        Engine(str(path), device="cpu", max_total_tokens=64)
+    assert all(a in str(err.value) for a in SUPPORTED_ARCHITECTURES)
+
+
+def test_missing_files_are_named(llama_path, tmp_path) -> None:
+    with pytest.raises((FileNotFoundError, OSError), match="nowhere"):
+        Engine(str(tmp_path / "nowhere"), device="cpu", max_total_tokens=64)
+    path = _copy(llama_path, tmp_path / "noweights")
+    for file in path.glob("*.safetensors"):
+        file.unlink()
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        Engine(str(path), device="cpu", max_total_tokens=64)
+
+
+def test_shape_mismatch_names_the_tensor(llama_path, tmp_path) -> None:
+    path = _copy(llama_path, tmp_path / "bad")
+    file = next(path.glob("*.safetensors"))
+    tensors = load_file(file)
+    name = "model.layers.0.mlp.up_proj.weight"
+    tensors[name] = torch.zeros(3, 3)
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=name):
+        Engine(str(path), device="cpu", max_total_tokens=64)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_dtypes_load_and_generate(llama_path, dtype: str) -> None:
+    with Engine(str(llama_path), dtype=dtype, device="cpu", max_total_tokens=128) as engine:
+        assert engine.model.model.embed_tokens.weight.dtype == getattr(torch, dtype)
+        out = engine.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 3,
+                              "ignore_eos": True})
+    assert len(out["output_ids"]) == 3
