@@ -24,13 +24,15 @@ class KVPool:
     ) -> None:
         if size < 1:
             raise ValueError(f"KV pool must hold at least one token, got {size}")
-        shape = (config.num_layers, size + 1, config.num_kv_heads, config.head_dim)
+        # Head-major ([layers, kv_heads, slots, dim]) so a gather of slots yields one
+        # contiguous [tokens, dim] matrix per head, ready for batched matmuls.
+        shape = (config.num_layers, config.num_kv_heads, size + 1, config.head_dim)
         # `empty`, not `zeros`: on CPU untouched pages cost no RAM until slots are used.
         self.k_cache = torch.empty(shape, dtype=dtype, device=device)
         self.v_cache = torch.empty(shape, dtype=dtype, device=device)
         # Padding reads are masked out, but 0 * NaN is NaN: the padding slot must hold zeros.
-        self.k_cache[:, PADDING_SLOT].zero_()
-        self.v_cache[:, PADDING_SLOT].zero_()
+        self.k_cache[:, :, PADDING_SLOT].zero_()
+        self.v_cache[:, :, PADDING_SLOT].zero_()
         self.size = size
         self.device = device
         # Free slots as a stack in a tensor (allocation and release are slices, no Python

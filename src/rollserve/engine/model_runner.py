@@ -94,14 +94,14 @@ class ModelRunner:
         self, batch: ScheduledBatch, positions: torch.Tensor, out_slots: torch.Tensor
     ) -> AttentionBatch:
         table = self.table.slots
-        decode_slots = decode_mask = None
+        decode_slots = decode_padding = None
         if batch.decodes:
             kv_lens = torch.tensor([len(r.fill_ids) for r in batch.decodes], device=self.device)
             rows = torch.tensor([r.table_row for r in batch.decodes], device=self.device)
             max_len = int(kv_lens.max())
             decode_slots = table[rows, :max_len]
             span = torch.arange(max_len, device=self.device)
-            decode_mask = (span[None, :] < kv_lens[:, None])[:, None, None, :]
+            decode_padding = (span[None, :] >= kv_lens[:, None])[:, None, :]
         spans, offset = [], len(batch.decodes)
         for chunk in batch.extends:
             size = chunk.end - chunk.start
@@ -111,7 +111,7 @@ class ModelRunner:
             ))
             offset += size
         return AttentionBatch(
-            positions, out_slots, len(batch.decodes), decode_slots, decode_mask, spans,
+            positions, out_slots, len(batch.decodes), decode_slots, decode_padding, spans,
             self.pool.k_cache, self.pool.v_cache,
         )
 

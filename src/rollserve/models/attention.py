@@ -29,9 +29,9 @@ class AttentionBatch:
     out_slots: torch.Tensor  # [tokens] pool slot receiving each token's K/V
     num_decode: int  # rows [0, num_decode) are decode tokens
     decode_kv_slots: torch.Tensor | None  # [num_decode, max_kv_len], padded with slot 0
-    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_kv_len] bool
+    decode_padding: torch.Tensor | None  # [num_decode, 1, max_kv_len] bool, True = padding
     extends: list[ExtendSpan]
-    k_cache: torch.Tensor  # [layers, slots, kv_heads, head_dim]
+    k_cache: torch.Tensor  # [layers, kv_heads, slots, head_dim]
     v_cache: torch.Tensor
 
 
@@ -41,37 +41,54 @@ def paged_attention(
 ) -> torch.Tensor:
     """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]. Returns [tokens, heads, dim]."""
     k_cache, v_cache = batch.k_cache[layer], batch.v_cache[layer]
-    k_cache[batch.out_slots] = k
-    v_cache[batch.out_slots] = v
+    k_cache[:, batch.out_slots] = k.transpose(0, 1)
+    v_cache[:, batch.out_slots] = v.transpose(0, 1)
     out = torch.empty_like(q)
     n = batch.num_decode
     if n:
-        out[:n] = _attend(
-            q[:n].unsqueeze(2), k_cache, v_cache, batch.decode_kv_slots, batch.decode_mask, scale
-        ).squeeze(2)
+        out[:n] = _attend_decode(q[:n], k_cache, v_cache, batch, scale)
     for span in batch.extends:
-        q_span = q[span.start : span.end].transpose(0, 1).unsqueeze(0)
-        o = _attend(q_span, k_cache, v_cache, span.kv_slots.unsqueeze(0), span.mask, scale)
-        out[span.start : span.end] = o.squeeze(0).transpose(0, 1)
+        out[span.start : span.end] = _attend_extend(
+            q[span.start : span.end], k_cache, v_cache, span, scale
+        )
     return out
 
 
-def _attend(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-    mask: torch.Tensor | None, scale: float,
+def _attend_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch,
+    scale: float,
 ) -> torch.Tensor:
-    """q: [batch, heads, q_len, dim]; slots: [batch, kv_len]."""
-    k = _gather(k_cache, slots)
+    """One query per sequence: two batched matmuls over (kv head, sequence), with the query
+    heads sharing a KV head stacked as rows (GQA without repeating K/V). ~25% faster than
+    SDPA's CPU kernel at decode shapes."""
+    n, heads, dim = q.shape
+    kv_heads = k_cache.shape[0]
+    slots = batch.decode_kv_slots
+    k = _gather(k_cache, slots)  # [kv_heads, n, kv_len, dim], contiguous
     v = _gather(v_cache, slots)
-    causal = mask is None
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
+    grouped = q.view(n, kv_heads, heads // kv_heads, dim).transpose(0, 1)
+    scores = torch.matmul(grouped * scale, k.transpose(-1, -2))  # [kv_heads, n, group, kv_len]
+    scores = scores.masked_fill(batch.decode_padding, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    return torch.matmul(probs, v).transpose(0, 1).reshape(n, heads, dim)
+
+
+def _attend_extend(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, span: ExtendSpan,
+    scale: float,
+) -> torch.Tensor:
+    """q: [q_len, heads, dim] of one sequence -> [q_len, heads, dim]."""
+    k = _gather(k_cache, span.kv_slots[None]).transpose(0, 1)  # [1, kv_heads, kv_len, dim]
+    v = _gather(v_cache, span.kv_slots[None]).transpose(0, 1)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k, v, attn_mask=span.mask, is_causal=span.mask is None,
+        scale=scale, enable_gqa=True,
     )
+    return out[0].transpose(0, 1)
 
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """[batch, kv_len] slots -> [batch, kv_heads, kv_len, dim]; index_select on a 2-D view
-    is several times faster than advanced indexing on CPU."""
-    slots_count, kv_heads, dim = cache.shape
-    rows = cache.view(slots_count, kv_heads * dim).index_select(0, slots.reshape(-1))
-    return rows.view(*slots.shape, kv_heads, dim).transpose(1, 2)
+    """cache [kv_heads, slots, dim], slots [batch, kv_len] -> [kv_heads, batch, kv_len, dim].
+    index_select is several times faster than advanced indexing on CPU."""
+    kv_heads, _, dim = cache.shape
+    return cache.index_select(1, slots.reshape(-1)).view(kv_heads, *slots.shape, dim)

@@ -12,6 +12,7 @@ from torch import nn
 
 from rollserve.models.attention import AttentionBatch, paged_attention
 from rollserve.models.config import ModelConfig
+from rollserve.models.linear import Linear, linear, pack
 from rollserve.models.rope import RotaryEmbedding, apply_rotary
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin of every token's position
@@ -39,10 +40,10 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, config.q_size, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, config.kv_size, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, config.kv_size, bias=bias)
-        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
+        self.q_proj = Linear(config.hidden_size, config.q_size, bias=bias)
+        self.k_proj = Linear(config.hidden_size, config.kv_size, bias=bias)
+        self.v_proj = Linear(config.hidden_size, config.kv_size, bias=bias)
+        self.o_proj = Linear(config.q_size, config.hidden_size, bias=False)
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
@@ -63,9 +64,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -107,7 +108,15 @@ class CausalLM(nn.Module):
         self.config = config
         self.model = DecoderBody(config, max_positions)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.packed_output_embedding: torch.Tensor | None = None
+
+    def repack_weights(self) -> None:
+        """Refresh the derived prepacked weights; call after loading or changing weights."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.repack()
+        self.packed_output_embedding = pack(self.output_embedding())
 
     def output_embedding(self) -> torch.Tensor:
         if self.config.tie_word_embeddings:
@@ -120,4 +129,4 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits for the given rows only (the lm_head is costly: pick rows first)."""
-        return F.linear(hidden, self.output_embedding()).float()
+        return linear(hidden, self.output_embedding(), self.packed_output_embedding).float()

@@ -46,11 +46,13 @@ def load_model(
     # The rope tables are computed, not loaded; they stay float32 for exact angles.
     model.model.rotary.build_tables(device)
     load_weights(model, iter_checkpoint_tensors(model_path))
+    model.repack_weights()
     return model.eval()
 
 
 def load_weights(model: CausalLM, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
-    """Copy every checkpoint tensor into the parameter of the same name; all must match."""
+    """Copy every checkpoint tensor into the parameter of the same name; all must match.
+    The caller repacks afterwards (model.repack_weights())."""
     params = dict(model.named_parameters())
     missing = set(params)
     for name, tensor in tensors:

@@ -1,0 +1,3 @@
+from rollserve.cli import main
+
+main()

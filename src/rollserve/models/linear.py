@@ -1,0 +1,49 @@
+"""Linear layers that use oneDNN prepacked weights on CPU in bfloat16/float16.
+
+oneDNN multiplies ~1.5x faster at decode batch sizes when the weight is laid out for it in
+advance, with bit-identical results. The packed copy is derived state: whoever changes a
+weight calls `repack()` (CausalLM.repack_weights() for the whole model).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_PACKED_DTYPES = (torch.bfloat16, torch.float16)
+_PACK_BATCH_HINT = 64  # the layout suits any batch; 64 is a typical decode batch
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    return (
+        weight.device.type == "cpu" and weight.dtype in _PACKED_DTYPES
+        and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor | None:
+    if not can_pack(weight):
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH_HINT)
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    if packed is None:
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class Linear(nn.Linear):
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.packed: torch.Tensor | None = None
+
+    def repack(self) -> None:
+        self.packed = pack(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.packed, self.bias)
