@@ -17,6 +17,7 @@ import torch
 from transformers import AutoTokenizer
 
 from rollserve.engine.args import EngineArgs
+from rollserve.engine.cpu_memory import keep_freed_memory
 from rollserve.engine.detokenizer import IncrementalDetokenizer
 from rollserve.engine.kv_pool import KVPool, ReqToTokenTable, pool_size_from_memory
 from rollserve.engine.model_runner import ModelRunner
@@ -41,6 +42,8 @@ class Engine:
         args.validate()
         self.args = args
         self.device = resolve_device(args.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or args.model_path)
         self._token_texts = TokenTexts(self.tokenizer)
         self._build_model()

@@ -62,4 +62,4 @@ def apply_rotary(
     """x: [tokens, heads, head_dim]."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return rotated.mul_(sin).add_(x * cos)
