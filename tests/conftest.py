@@ -31,3 +31,90 @@ def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def llama_path(tiny_model_factory) -> Path:
     return tiny_model_factory("llama")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """A real `python -m rollserve.launch_server` child process on 127.0.0.1."""
+
+    def __init__(self, model_path: Path, *extra: str, log_dir: Path) -> None:
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log_dir / f"server-{self.port}.log"
+        command = [
+            sys.executable, "-m", "rollserve.launch_server", "--model-path", str(model_path),
+            "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu",
+            "--dtype", "float32", "--max-total-tokens", "8192", "--log-level", "warning",
+            *extra,
+        ]
+        env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                            env=env)
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        import time
+
+        import requests
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log.read_text()[-3000:]}")
+            try:
+                if requests.get(self.url + "/health", timeout=1,
+                                proxies={"http": None}).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready in {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> int:
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+@pytest.fixture
+def start_server(tmp_path: Path):
+    """start_server(model_path, *flags) -> ready ServerProcess, stopped at teardown."""
+    started: list[ServerProcess] = []
+
+    def start(model_path: Path, *extra: str) -> ServerProcess:
+        server = ServerProcess(model_path, *extra, log_dir=tmp_path)
+        started.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def llama_server(tiny_model_factory, tmp_path_factory):
+    server = ServerProcess(tiny_model_factory("llama"), "--enable-metrics",
+                           log_dir=tmp_path_factory.mktemp("server"))
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()

@@ -1,4 +1,4 @@
-"""`rollserve` console script: `rollserve demo [...]`."""
+"""`rollserve` console script: `rollserve demo [...]`, `rollserve serve --model-path ...`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import sys
 
 COMMANDS = {
     "demo": "rollserve.demo",
+    "serve": "rollserve.launch_server",
 }
 
 

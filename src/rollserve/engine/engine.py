@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import json
 import logging
 import queue
@@ -20,6 +21,7 @@ from rollserve.engine.args import EngineArgs
 from rollserve.engine.cpu_memory import keep_freed_memory
 from rollserve.engine.detokenizer import IncrementalDetokenizer
 from rollserve.engine.kv_pool import KVPool, ReqToTokenTable, pool_size_from_memory
+from rollserve.engine.latency import Histogram
 from rollserve.engine.model_runner import ModelRunner
 from rollserve.engine.output import TokenTexts, build_output
 from rollserve.engine.radix_cache import RadixCache
@@ -46,6 +48,7 @@ class Engine:
             keep_freed_memory()
         self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or args.model_path)
         self._token_texts = TokenTexts(self.tokenizer)
+        self.weight_version = "default"  # reported with every output; set by weight updates
         self._build_model()
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._stopped = threading.Event()
@@ -194,6 +197,14 @@ class Engine:
         """Drop every cache entry no running request uses; returns the tokens freed."""
         return self._call(self.scheduler.flush_cache)
 
+    def latency_histograms(self) -> dict[str, Histogram]:
+        """Copies of the time-to-first-token and inter-token latency histograms."""
+        stats = self.scheduler.stats
+        return self._call(lambda: {
+            "time_to_first_token_seconds": copy.deepcopy(stats.time_to_first_token),
+            "inter_token_latency_seconds": copy.deepcopy(stats.inter_token_latency),
+        })
+
     def stats(self) -> dict[str, Any]:
         def read() -> dict[str, Any]:
             s = self.scheduler.stats
@@ -207,6 +218,7 @@ class Engine:
                 "steps": s.steps, "prompt_tokens": s.prompt_tokens,
                 "cached_tokens": s.cached_tokens, "generated_tokens": s.generated_tokens,
                 "retracted": s.retracted, "max_running": s.max_running,
+                "requests_finished": s.requests_finished,
             }
         return self._call(read)
 
@@ -242,7 +254,7 @@ class Engine:
             detokenizer=IncrementalDetokenizer.for_prompt(
                 self.tokenizer, item.input_ids, item.sampling.skip_special_tokens
             ),
-            on_output=emit, logprob=item.logprob,
+            on_output=emit, logprob=item.logprob, weight_version=self.weight_version,
             seed_generator=torch.Generator().manual_seed(seed) if seed is not None else None,
         )
         if item.logprob is not None and item.logprob.start_len == 0:

@@ -71,6 +71,7 @@ class Req:
 
     created: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    last_token_time: float = 0.0
     finished_time: float | None = None
     sent_text_len: int = 0  # consumer-side bookkeeping for streaming deltas
     sent_output_len: int = 0

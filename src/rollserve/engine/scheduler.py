@@ -13,12 +13,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from rollserve.engine.detokenizer import find_stop
 from rollserve.engine.kv_pool import KVPool, ReqToTokenTable
+from rollserve.engine.latency import ITL_BUCKETS, TTFT_BUCKETS, Histogram
 from rollserve.engine.model_runner import ExtendChunk, ModelRunner, ScheduledBatch, StepLogits
 from rollserve.engine.radix_cache import RadixCache
 from rollserve.engine.request import FinishReason, Req
@@ -46,6 +47,9 @@ class SchedulerStats:
     generated_tokens: int = 0
     retracted: int = 0
     max_running: int = 0
+    requests_finished: int = 0
+    time_to_first_token: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
+    inter_token_latency: Histogram = field(default_factory=lambda: Histogram(ITL_BUCKETS))
 
 
 class Scheduler:
@@ -277,8 +281,13 @@ class Scheduler:
             self._finish(req, FinishReason("length", length=0))
             return
         req.output_ids.append(token)
+        now = time.monotonic()
         if req.first_token_time is None:
-            req.first_token_time = time.monotonic()
+            req.first_token_time = now
+            self.stats.time_to_first_token.observe(now - req.created)
+        else:
+            self.stats.inter_token_latency.observe(now - req.last_token_time)
+        req.last_token_time = now
         self.stats.generated_tokens += 1
         new_text = req.detokenizer.append([token])
         if len(req.output_ids) >= params.max_new_tokens:
@@ -297,6 +306,7 @@ class Scheduler:
             req.detokenizer.flush()
         req.finish_reason = reason
         req.finished_time = time.monotonic()
+        self.stats.requests_finished += 1
         if reason.type == "abort":
             req.on_output(req)
 

@@ -1,0 +1,1 @@
+"""HTTP front end over one engine: SGLang's native API and the OpenAI API."""

@@ -1,0 +1,409 @@
+"""The FastAPI application over one engine.
+
+Every handler turns bad input into HTTP 400 `{"error": {"message": ...}}`; anything
+unexpected becomes a logged 500 and the server keeps serving. A client that disconnects has
+its requests aborted (their KV slots are freed at the next engine step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+import rollserve
+from rollserve.engine.engine import Engine
+from rollserve.engine.validation import GenerateInput
+from rollserve.server import openai_api
+from rollserve.server.args import ServerArgs
+from rollserve.server.errors import RequestError, error_response
+from rollserve.server.metrics import ServerMetrics
+from rollserve.server.native import parse_generate
+
+logger = logging.getLogger(__name__)
+
+DISCONNECT_POLL_SECONDS = 0.25
+Update = tuple[int, dict[str, Any], bool]
+
+
+@dataclass(slots=True)
+class ServerState:
+    engine: Engine
+    args: ServerArgs
+    chat_template: str | None
+    sampling_defaults: dict[str, Any]
+    metrics: ServerMetrics | None
+    ready: bool = False
+    started: float = field(default_factory=time.time)
+
+
+def build_app(engine: Engine, args: ServerArgs) -> FastAPI:
+    state = ServerState(
+        engine, args, _load_chat_template(args.chat_template),
+        args.preferred_sampling_defaults(),
+        ServerMetrics(engine) if args.enable_metrics else None,
+    )
+    app = FastAPI(title="rollserve", version=rollserve.__version__)
+    app.state.server = state
+    _install_middleware(app, state)
+    _install_native_routes(app, state)
+    _install_openai_routes(app, state)
+    _install_admin_routes(app, state)
+    return app
+
+
+def _load_chat_template(value: str | None) -> str | None:
+    if value and Path(value).is_file():
+        return Path(value).read_text()
+    return value
+
+
+# ---- cross-cutting ---------------------------------------------------------------------
+
+def _install_middleware(app: FastAPI, state: ServerState) -> None:
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Response:
+        key = state.args.api_key
+        if (key and request.url.path != "/health"
+                and request.headers.get("authorization") != f"Bearer {key}"):
+            return error_response("missing or wrong API key (Authorization: Bearer ...)", 401)
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > state.args.max_request_bytes:
+            return error_response(
+                f"request body of {length} bytes exceeds the limit of "
+                f"{state.args.max_request_bytes}", 413,
+            )
+        try:
+            return await call_next(request)
+        except Exception as exc:  # never let one request take the server down
+            logger.exception("internal error serving %s", request.url.path)
+            return error_response(f"internal error: {type(exc).__name__}: {exc}", 500)
+
+    @app.exception_handler(RequestError)
+    async def bad_request(_request: Request, exc: RequestError) -> JSONResponse:
+        return error_response(str(exc), exc.status)
+
+    @app.exception_handler(ValueError)
+    async def bad_value(_request: Request, exc: ValueError) -> JSONResponse:
+        return error_response(str(exc), 400)
+
+
+async def _json_body(request: Request, limit: int) -> Any:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestError(f"request body exceeds the limit of {limit} bytes", 413)
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(f"malformed JSON body: {exc}") from exc
+
+
+async def _updates(
+    request: Request, engine: Engine, inputs: list[GenerateInput], stream: bool
+) -> AsyncIterator[Update]:
+    """Engine updates for `inputs`; aborts them when the client goes away."""
+    iterator = engine.stream_inputs(inputs, stream).__aiter__()
+    try:
+        while True:
+            step = asyncio.ensure_future(iterator.__anext__())
+            while True:
+                done, _ = await asyncio.wait({step}, timeout=DISCONNECT_POLL_SECONDS)
+                if done:
+                    break
+                if await request.is_disconnected():
+                    step.cancel()
+                    return
+            try:
+                yield step.result()
+            except StopAsyncIteration:
+                return
+    finally:
+        await iterator.aclose()  # aborts whatever is still running
+
+
+async def _collect(request: Request, engine: Engine, inputs: list[GenerateInput]
+                   ) -> list[dict[str, Any]] | None:
+    outputs: list[dict[str, Any] | None] = [None] * len(inputs)
+    async for index, output, finished in _updates(request, engine, inputs, stream=False):
+        if finished:
+            outputs[index] = output
+    return None if any(o is None for o in outputs) else outputs
+
+
+def _sse(payload: Any) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+# ---- native API ------------------------------------------------------------------------
+
+def _install_native_routes(app: FastAPI, state: ServerState) -> None:
+    engine = state.engine
+
+    @app.post("/generate")
+    async def generate(request: Request) -> Response:
+        parsed = parse_generate(
+            await _json_body(request, state.args.max_request_bytes), state.sampling_defaults
+        )
+        stream = parsed.pop("stream")
+        batched, inputs = engine.prepare(**parsed)
+        single = not batched and len(inputs) == 1
+        if stream:
+            return StreamingResponse(
+                _stream_native(request, engine, inputs, single), media_type="text/event-stream"
+            )
+        outputs = await _collect(request, engine, inputs)
+        if outputs is None:
+            return error_response("client disconnected", 499)
+        return JSONResponse(outputs[0] if single else outputs)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        body = await _json_body(request, state.args.max_request_bytes)
+        prompt = body.get("prompt", body.get("text")) if isinstance(body, dict) else None
+        add_special = body.get("add_special_tokens", True) if isinstance(body, dict) else True
+        if isinstance(prompt, str):
+            ids = engine.tokenizer.encode(prompt, add_special_tokens=add_special)
+            return JSONResponse({"tokens": ids, "count": len(ids),
+                                 "max_model_len": engine.context_len})
+        if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+            ids = [engine.tokenizer.encode(p, add_special_tokens=add_special) for p in prompt]
+            return JSONResponse({"tokens": ids, "count": [len(i) for i in ids],
+                                 "max_model_len": engine.context_len})
+        raise RequestError("'prompt' must be a string or a list of strings")
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        body = await _json_body(request, state.args.max_request_bytes)
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        vocab = engine.model_config.vocab_size
+        if not (isinstance(tokens, list) and all(isinstance(t, int) for t in tokens)):
+            raise RequestError("'tokens' must be a list of token ids")
+        if any(not 0 <= t < vocab for t in tokens):
+            raise RequestError(f"'tokens' has ids outside the vocabulary [0, {vocab})")
+        return JSONResponse({"text": engine.tokenizer.decode(tokens)})
+
+
+async def _stream_native(request: Request, engine: Engine, inputs: list[GenerateInput],
+                         single: bool) -> AsyncIterator[bytes]:
+    async for index, output, _finished in _updates(request, engine, inputs, stream=True):
+        yield _sse(output if single else {**output, "index": index})
+    yield SSE_DONE
+
+
+# ---- OpenAI API ------------------------------------------------------------------------
+
+def _install_openai_routes(app: FastAPI, state: ServerState) -> None:
+    engine, args = state.engine, state.args
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [{
+            "id": args.model_name, "object": "model", "created": int(state.started),
+            "owned_by": "rollserve", "root": args.model_path,
+            "max_model_len": engine.context_len,
+        }]})
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        body = await _json_body(request, args.max_request_bytes)
+        parsed = openai_api.parse_chat(body, engine.tokenizer, state.chat_template,
+                                       state.sampling_defaults)
+        return await _openai_response(request, state, parsed, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = await _json_body(request, args.max_request_bytes)
+        parsed = openai_api.parse_completion(body, engine.tokenizer, state.sampling_defaults)
+        return await _openai_response(request, state, parsed, chat=False)
+
+
+async def _openai_response(request: Request, state: ServerState,
+                           parsed: openai_api.OpenAIRequest, chat: bool) -> Response:
+    engine = state.engine
+    want_logprobs = parsed.logprobs
+    _, inputs = engine.prepare(
+        None, parsed.sampling, parsed.prompt_ids, return_logprob=want_logprobs,
+        top_logprobs_num=parsed.top_logprobs, return_text_in_logprobs=True,
+    )
+    n = len(inputs) // len(parsed.prompt_ids)
+    model = parsed.model or state.args.model_name
+    if parsed.stream:
+        frames = (_stream_chat if chat else _stream_completion)(
+            request, engine, inputs, parsed, model, n)
+        return StreamingResponse(frames, media_type="text/event-stream")
+    outputs = await _collect(request, engine, inputs)
+    if outputs is None:
+        return error_response("client disconnected", 499)
+    make_choice = _chat_choice if chat else _completion_choice
+    choices = [make_choice(i, o, want_logprobs) for i, o in enumerate(outputs)]
+    return JSONResponse({
+        "id": openai_api.new_id("chatcmpl" if chat else "cmpl"),
+        "object": "chat.completion" if chat else "text_completion",
+        "created": openai_api.now(), "model": model, "choices": choices,
+        "usage": openai_api.usage(outputs, len(parsed.prompt_ids), n),
+    })
+
+
+def _chat_choice(index: int, output: dict[str, Any], logprobs: bool) -> dict[str, Any]:
+    return {
+        "index": index, "message": {"role": "assistant", "content": output["text"]},
+        "logprobs": openai_api.chat_logprobs(output, 0) if logprobs else None,
+        "finish_reason": openai_api.finish_reason(output),
+        "matched_stop": openai_api.matched_stop(output),
+    }
+
+
+def _completion_choice(index: int, output: dict[str, Any], logprobs: bool) -> dict[str, Any]:
+    return {
+        "index": index, "text": output["text"],
+        "logprobs": openai_api.completion_logprobs(output) if logprobs else None,
+        "finish_reason": openai_api.finish_reason(output),
+        "matched_stop": openai_api.matched_stop(output),
+    }
+
+
+async def _stream_chat(request: Request, engine: Engine, inputs: list[GenerateInput],
+                       parsed: openai_api.OpenAIRequest, model: str, n: int
+                       ) -> AsyncIterator[bytes]:
+    chunk_id, created = openai_api.new_id("chatcmpl"), openai_api.now()
+
+    def frame(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return _sse({"id": chunk_id, "object": "chat.completion.chunk", "created": created,
+                     "model": model, "choices": choices, **extra})
+
+    for i in range(len(inputs)):
+        yield frame([{"index": i, "delta": {"role": "assistant", "content": ""},
+                      "logprobs": None, "finish_reason": None}])
+    sent_text, sent_tokens = [0] * len(inputs), [0] * len(inputs)
+    finals: list[dict[str, Any]] = [{} for _ in inputs]
+    async for index, output, finished in _updates(request, engine, inputs, stream=True):
+        text = output["text"]
+        delta = text[sent_text[index]:]
+        logprobs = (openai_api.chat_logprobs(output, sent_tokens[index])
+                    if parsed.logprobs else None)
+        sent_text[index], sent_tokens[index] = len(text), len(output["output_ids"])
+        if delta or finished or (logprobs and logprobs["content"]):
+            choice = {"index": index, "delta": {"content": delta} if delta else {},
+                      "logprobs": logprobs, "finish_reason": None}
+            if finished:
+                choice["finish_reason"] = openai_api.finish_reason(output)
+                choice["matched_stop"] = openai_api.matched_stop(output)
+            yield frame([choice])
+        if finished:
+            finals[index] = output
+    if parsed.include_usage and all(finals):
+        yield frame([], usage=openai_api.usage(finals, len(parsed.prompt_ids), n))
+    yield SSE_DONE
+
+
+async def _stream_completion(request: Request, engine: Engine, inputs: list[GenerateInput],
+                             parsed: openai_api.OpenAIRequest, model: str, n: int
+                             ) -> AsyncIterator[bytes]:
+    chunk_id, created = openai_api.new_id("cmpl"), openai_api.now()
+    sent = [0] * len(inputs)
+    finals: list[dict[str, Any]] = [{} for _ in inputs]
+    base = {"id": chunk_id, "object": "text_completion", "created": created, "model": model}
+    async for index, output, finished in _updates(request, engine, inputs, stream=True):
+        delta = output["text"][sent[index]:]
+        sent[index] = len(output["text"])
+        if delta or finished:
+            yield _sse({**base, "choices": [{
+                "index": index, "text": delta, "logprobs": None,
+                "finish_reason": openai_api.finish_reason(output) if finished else None}]})
+        if finished:
+            finals[index] = output
+    if parsed.include_usage and all(finals):
+        yield _sse({**base, "choices": [],
+                    "usage": openai_api.usage(finals, len(parsed.prompt_ids), n)})
+    yield SSE_DONE
+
+
+# ---- health, info, admin ----------------------------------------------------------------
+
+def _install_admin_routes(app: FastAPI, state: ServerState) -> None:
+    engine, args = state.engine, state.args
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not state.ready:
+            return error_response("engine is warming up", 503)
+        return Response(status_code=200)
+
+    @app.get("/health_generate")
+    async def health_generate(request: Request) -> Response:
+        _, inputs = engine.prepare(None, {"max_new_tokens": 1, "temperature": 0.0}, [0])
+        outputs = await _collect(request, engine, inputs)
+        if outputs is None or outputs[0]["meta_info"]["finish_reason"]["type"] == "abort":
+            return error_response("engine failed to generate", 503)
+        return Response(status_code=200)
+
+    def model_info() -> dict[str, Any]:
+        return {
+            "model_path": args.model_path,
+            "tokenizer_path": args.tokenizer_path or args.model_path,
+            "is_generation": True, "weight_version": engine.weight_version,
+            "architecture": engine.model_config.architecture,
+            "max_context_length": engine.context_len,
+        }
+
+    def server_info() -> dict[str, Any]:
+        return {**args.to_dict(), "tp_size": args.tp_size, "dp_size": 1,
+                "version": rollserve.__version__, "weight_version": engine.weight_version,
+                "max_total_num_tokens": engine.pool.size,
+                "internal_states": [engine.stats()]}
+
+    for path in ("/model_info", "/get_model_info"):
+        app.add_api_route(path, lambda: JSONResponse(model_info()), methods=["GET"])
+    for path in ("/server_info", "/get_server_info"):
+        app.add_api_route(path, lambda: JSONResponse(server_info()), methods=["GET"])
+
+    @app.get("/get_load")
+    async def get_load() -> JSONResponse:
+        stats = engine.stats()
+        return JSONResponse({
+            "num_reqs": stats["num_running_reqs"] + stats["num_waiting_reqs"],
+            "num_running_reqs": stats["num_running_reqs"],
+            "num_waiting_reqs": stats["num_waiting_reqs"],
+            "num_tokens": stats["kv_used_tokens"],
+            "kv_usage": stats["kv_used_tokens"] / stats["kv_pool_size"],
+        })
+
+    async def flush_cache() -> JSONResponse:
+        freed = await asyncio.to_thread(engine.flush_cache)
+        return JSONResponse({"success": True, "freed_tokens": freed,
+                             "message": "dropped every cache entry no running request uses"})
+
+    app.add_api_route("/flush_cache", flush_cache, methods=["GET", "POST"])
+
+    @app.post("/abort_request")
+    async def abort_request(request: Request) -> JSONResponse:
+        body = await _json_body(request, args.max_request_bytes)
+        if not isinstance(body, dict):
+            raise RequestError("the request body must be a JSON object")
+        if body.get("abort_all"):
+            engine.abort_all()
+        elif isinstance(body.get("rid"), str):
+            engine.abort(body["rid"])
+        else:
+            raise RequestError("give 'rid' (a string) or 'abort_all': true")
+        return JSONResponse({"success": True})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        if state.metrics is None:
+            return error_response("metrics are off; start the server with --enable-metrics", 404)
+        body, content_type = state.metrics.render()
+        return Response(body, media_type=content_type)

@@ -1,0 +1,67 @@
+"""Run one engine behind the HTTP server until SIGTERM/SIGINT.
+
+Start-up logs the model, dtype, device and KV pool size, warms the engine while `/health`
+answers 503, then logs one ready line with the URL. On a signal, requests in flight are
+finished with an abort reason before the server stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from rollserve.engine.engine import Engine
+from rollserve.server.app import build_app
+from rollserve.server.args import ServerArgs
+
+logger = logging.getLogger("rollserve.server")
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
+        super().__init__(config)
+        self.engine = engine
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        # Give every in-flight request its abort finish now, so responses end promptly.
+        self.engine.abort_all("server shutting down")
+        super().handle_exit(sig, frame)
+
+
+def launch_server(args: ServerArgs) -> None:
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = Engine(args=args.engine_args())
+    app = build_app(engine, args)
+    app.router.lifespan_context = _lifespan(engine, args)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=5, access_log=args.log_level == "debug")
+    try:
+        _Server(config, engine).run()
+    finally:
+        engine.shutdown()
+
+
+def _lifespan(engine: Engine, args: ServerArgs):
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(_warm_up(app, engine, args))
+        yield
+        task.cancel()
+
+    return lifespan
+
+
+async def _warm_up(app: FastAPI, engine: Engine, args: ServerArgs) -> None:
+    if not args.skip_server_warmup:
+        await engine.async_generate(input_ids=[0, 1, 2, 3],
+                                    sampling_params={"max_new_tokens": 2, "temperature": 0.0})
+    app.state.server.ready = True
+    logger.info("rollserve server ready: http://%s:%d (model %s)", args.host, args.port,
+                args.model_name)

@@ -1,0 +1,170 @@
+"""Two rollserve servers behind the real sglang-router, and seed 003's client examples."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+from conftest import free_port
+
+NO_PROXY = {"http": None, "https": None}
+
+
+class Router:
+    def __init__(self, log_path, *flags: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
+             "--port", str(self.port), *flags],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                requests.get(self.url + "/workers", proxies=NO_PROXY, timeout=1)
+                return
+            except requests.ConnectionError:
+                time.sleep(0.2)
+        raise TimeoutError("router did not start")
+
+    def add_worker(self, url: str, timeout: float = 60) -> None:
+        answer = requests.post(self.url + "/workers", json={"url": url}, proxies=NO_PROXY,
+                               timeout=10)
+        assert answer.status_code in (200, 202), answer.text
+        worker_id = answer.json().get("worker_id")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = requests.get(f"{self.url}/workers/{worker_id}", proxies=NO_PROXY, timeout=10)
+            if info.status_code == 200 and info.json().get("is_healthy"):
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"worker {url} never became healthy")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def fleet(tiny_model_factory, tmp_path_factory):
+    from conftest import ServerProcess
+
+    logs = tmp_path_factory.mktemp("fleet")
+    model = tiny_model_factory("llama")
+    servers = [ServerProcess(model, log_dir=logs) for _ in range(2)]
+    router = None
+    try:
+        for server in servers:
+            server.wait_ready()
+        router = Router(logs / "router.log", "--policy", "cache_aware",
+                        "--cache-threshold", "0.3", "--balance-abs-threshold", "1000",
+                        "--balance-rel-threshold", "100.0")
+        for server in servers:
+            router.add_worker(server.url)
+        yield router, servers
+    finally:
+        if router is not None:
+            router.stop()
+        for server in servers:
+            server.stop()
+
+
+def test_generate_and_chat_through_the_router(fleet) -> None:
+    router, _ = fleet
+    out = requests.post(router.url + "/generate", json={
+        "text": "The capital of France is",
+        "sampling_params": {"temperature": 0, "max_new_tokens": 8}},
+        proxies=NO_PROXY, timeout=60).json()
+    assert out["meta_info"]["completion_tokens"] == 8
+    chat = requests.post(router.url + "/v1/chat/completions", json={
+        "model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5,
+        "temperature": 0}, proxies=NO_PROXY, timeout=60).json()
+    assert chat["choices"][0]["message"]["role"] == "assistant"
+    assert chat["usage"]["completion_tokens"] == 5
+
+
+def test_cache_aware_routing_reuses_the_prefix_on_one_engine(fleet) -> None:
+    router, servers = fleet
+    prefix = "shared system prompt about rollouts and rewards. " * 12
+    before = [s_stats(s) for s in servers]
+    first = requests.post(router.url + "/generate", json={
+        "text": prefix + "first question", "sampling_params": {"max_new_tokens": 2}},
+        proxies=NO_PROXY, timeout=60).json()
+    second = requests.post(router.url + "/generate", json={
+        "text": prefix + "second question", "sampling_params": {"max_new_tokens": 2}},
+        proxies=NO_PROXY, timeout=60).json()
+    assert first["meta_info"]["cached_tokens"] < second["meta_info"]["cached_tokens"]
+    assert second["meta_info"]["cached_tokens"] > 0
+    grew = [s_stats(s) - b for s, b in zip(servers, before, strict=True)]
+    assert sorted(grew) == [0, 2]  # both requests on the same engine
+
+
+def s_stats(server) -> int:
+    """Requests this engine has finished so far."""
+    info = requests.get(server.url + "/server_info", proxies=NO_PROXY, timeout=10).json()
+    return info["internal_states"][0]["requests_finished"]
+
+
+def test_router_flush_cache_reaches_both_engines(fleet) -> None:
+    router, servers = fleet
+    for server in servers:  # put something in each cache
+        requests.post(server.url + "/generate", json={"input_ids": list(range(5, 40)),
+                      "sampling_params": {"max_new_tokens": 1}}, proxies=NO_PROXY, timeout=60)
+    assert all(_cache_tokens(s) > 0 for s in servers)
+    answer = requests.post(router.url + "/flush_cache", proxies=NO_PROXY, timeout=30)
+    assert answer.status_code == 200
+    assert all(_cache_tokens(s) == 0 for s in servers)
+
+
+def _cache_tokens(server) -> int:
+    info = requests.get(server.url + "/server_info", proxies=NO_PROXY, timeout=10).json()
+    return info["internal_states"][0]["cache_tokens"]
+
+
+def test_seed_003_examples_work_unchanged(fleet) -> None:
+    """Seed 003's requests and curl examples, with only URL and model name changed."""
+    _, servers = fleet
+    base = servers[0].url
+    url = f"{base}/v1/chat/completions"
+    data = {"model": "any-model",
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    response = requests.post(url, json=data, proxies=NO_PROXY)
+    assert response.json()["choices"][0]["message"]["content"] is not None
+
+    response = requests.post(f"{base}/generate", json={
+        "text": "The capital of France is",
+        "sampling_params": {"temperature": 0, "max_new_tokens": 32}}, proxies=NO_PROXY)
+    assert response.json()["meta_info"]["finish_reason"] is not None
+
+    response = requests.post(f"{base}/generate", json={
+        "text": "The capital of France is",
+        "sampling_params": {"temperature": 0, "max_new_tokens": 32}, "stream": True},
+        stream=True, proxies=NO_PROXY)
+    prev, output = 0, ""
+    for chunk in response.iter_lines(decode_unicode=False):
+        chunk = chunk.decode("utf-8")
+        if chunk and chunk.startswith("data:"):
+            if chunk == "data: [DONE]":
+                break
+            data = json.loads(chunk[5:].strip("\n"))
+            output += data["text"][prev:]
+            prev = len(data["text"])
+    assert output == data["text"]
+
+    curl = subprocess.run(
+        ["curl", "-s", "--noproxy", "*", f"{base}/v1/chat/completions", "-d",
+         json.dumps({"model": "m", "messages": [
+             {"role": "user", "content": "What is the capital of France?"}]})],
+        capture_output=True, text=True, check=True)
+    assert json.loads(curl.stdout)["object"] == "chat.completion"

@@ -1,0 +1,229 @@
+"""The HTTP server over a real engine process: native API, OpenAI API, admin endpoints, bad
+input, disconnects and shutdown."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import threading
+import time
+
+import pytest
+import requests
+
+NO_PROXY = {"http": None, "https": None}
+GREEDY = {"temperature": 0.0, "max_new_tokens": 8}
+
+
+def post(server, path: str, body, headers: dict | None = None) -> requests.Response:
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return requests.post(server.url + path, data=data, proxies=NO_PROXY, timeout=60,
+                         headers={"Content-Type": "application/json", **(headers or {})})
+
+
+def get(server, path: str, **kwargs) -> requests.Response:
+    return requests.get(server.url + path, proxies=NO_PROXY, timeout=60, **kwargs)
+
+
+def test_generate_single_text_has_sglang_shape(llama_server) -> None:
+    out = post(llama_server, "/generate", {"text": "The capital of France is",
+                                            "sampling_params": GREEDY}).json()
+    assert set(out) == {"text", "output_ids", "meta_info"}
+    meta = out["meta_info"]
+    assert meta["finish_reason"] == {"type": "length", "length": 8}
+    assert meta["completion_tokens"] == len(out["output_ids"]) == 8
+    assert {"id", "prompt_tokens", "cached_tokens", "e2e_latency", "weight_version"} <= set(meta)
+
+
+def test_generate_batch_with_n_is_prompt_major(llama_server) -> None:
+    outs = post(llama_server, "/generate", {
+        "input_ids": [[5, 6, 7], [8, 9, 10, 11]],
+        "sampling_params": {"temperature": 0.0, "max_new_tokens": 4, "n": 2}}).json()
+    assert len(outs) == 4
+    assert [o["meta_info"]["prompt_tokens"] for o in outs] == [3, 3, 4, 4]
+    assert outs[0]["output_ids"] == outs[1]["output_ids"]  # greedy samples agree
+
+
+def test_generate_logprobs_are_logprob_token_text_triples(llama_server) -> None:
+    out = post(llama_server, "/generate", {
+        "input_ids": [5, 6, 7, 8], "sampling_params": GREEDY, "return_logprob": True,
+        "logprob_start_len": 0, "top_logprobs_num": 2, "return_text_in_logprobs": True}).json()
+    meta = out["meta_info"]
+    triples = meta["output_token_logprobs"]
+    assert [t[1] for t in triples] == out["output_ids"]
+    assert all(t[0] <= 0 and isinstance(t[2], str) for t in triples)
+    assert meta["input_token_logprobs"][0][0] is None and len(meta["input_token_logprobs"]) == 4
+    assert all(len(top) == 2 for top in meta["output_top_logprobs"])
+
+
+def test_generate_stream_is_cumulative_sse_ending_with_done(llama_server) -> None:
+    response = requests.post(llama_server.url + "/generate", json={
+        "text": "Hello", "sampling_params": {**GREEDY, "max_new_tokens": 12}, "stream": True},
+        stream=True, proxies=NO_PROXY, timeout=60)
+    lines = [line.decode() for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[5:]) for line in lines[:-1]]
+    texts = [c["text"] for c in chunks]
+    assert all(b.startswith(a) for a, b in itertools.pairwise(texts))
+    assert chunks[-1]["meta_info"]["finish_reason"]["type"] == "length"
+    full = post(llama_server, "/generate", {"text": "Hello",
+                                            "sampling_params": {**GREEDY, "max_new_tokens": 12}})
+    assert texts[-1] == full.json()["text"]
+
+
+@pytest.mark.parametrize(("body", "fragment"), [
+    (b"{not json", "malformed JSON"),
+    ({"text": "a", "input_ids": [1]}, "exactly one"),
+    ({"sampling_params": {}}, "exactly one"),
+    ({"text": ["a", 3]}, "text"),
+    ({"text": "a", "sampling_params": {"max_new_token": 3}}, "max_new_token"),
+    ({"text": "a", "temperature": 0.5}, "inside 'sampling_params'"),
+    ({"text": "a", "sampling_params": {"max_new_tokens": -1}}, "max_new_tokens"),
+    ({"text": "a", "sampling_params": {"temperature": -1}}, "temperature"),
+    ({"text": "a", "sampling_params": {"top_p": 0}}, "top_p"),
+    ({"input_ids": [1, 99999999]}, "vocabulary"),
+    ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 100000}}, "context length"),
+    ({"text": "a", "stream": "yes"}, "stream"),
+    ({"text": "a", "lora_path": "/x"}, "lora_path"),
+])
+def test_bad_generate_requests_are_400_naming_the_problem(llama_server, body, fragment) -> None:
+    response = post(llama_server, "/generate", body)
+    assert response.status_code == 400, response.text
+    assert fragment in response.json()["error"]["message"]
+    assert get(llama_server, "/health").status_code == 200
+
+
+def test_oversized_body_is_413(llama_server) -> None:
+    response = post(llama_server, "/generate", {"text": "x" * (33 * 2**20)})
+    assert response.status_code == 413
+
+
+@pytest.mark.parametrize(("body", "fragment"), [
+    ({"model": "m", "messages": []}, "messages"),
+    ({"model": "m", "messages": [{"role": "wizard", "content": "hi"}]}, "role"),
+    ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_p": 2}, "top_p"),
+])
+def test_bad_chat_requests_are_400(llama_server, body, fragment) -> None:
+    response = post(llama_server, "/v1/chat/completions", body)
+    assert response.status_code == 400
+    assert fragment in response.json()["error"]["message"]
+
+
+def test_info_and_admin_endpoints(llama_server) -> None:
+    for path in ("/model_info", "/get_model_info"):
+        info = get(llama_server, path).json()
+        assert info["is_generation"] is True and info["weight_version"] == "default"
+        assert {"model_path", "tokenizer_path"} <= set(info)
+    for path in ("/server_info", "/get_server_info"):
+        info = get(llama_server, path).json()
+        assert info["tp_size"] == 1 and info["dp_size"] == 1 and "version" in info
+    assert get(llama_server, "/health_generate").status_code == 200
+    load = get(llama_server, "/get_load").json()
+    assert {"num_running_reqs", "num_waiting_reqs", "num_tokens"} <= set(load)
+    ids = post(llama_server, "/tokenize", {"prompt": "hello world"}).json()["tokens"]
+    assert post(llama_server, "/detokenize", {"tokens": ids}).json()["text"] == "hello world"
+    assert get(llama_server, "/v1/models").json()["data"][0]["object"] == "model"
+    metrics = get(llama_server, "/metrics").text
+    for name in ("rollserve:num_running_reqs", "rollserve:token_usage", "rollserve:cache_hit_rate",
+                 "rollserve:prompt_tokens_total", "rollserve:time_to_first_token_seconds_bucket",
+                 "rollserve:inter_token_latency_seconds_count"):
+        assert name in metrics
+
+
+def test_flush_cache_succeeds_while_requests_run(llama_server) -> None:
+    body = {"input_ids": list(range(5, 60)), "rid": "flush-busy",
+            "sampling_params": {"max_new_tokens": 300, "ignore_eos": True}}
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(post(llama_server, "/generate",
+                                                               body).json()))
+    worker.start()
+    time.sleep(0.3)
+    for method in (requests.get, requests.post):
+        response = method(llama_server.url + "/flush_cache", proxies=NO_PROXY, timeout=30)
+        assert response.status_code == 200 and response.json()["success"] is True
+    worker.join(timeout=60)
+    assert result["meta_info"]["finish_reason"]["type"] == "length"
+
+
+def test_abort_request_by_rid_finishes_with_abort(llama_server) -> None:
+    body = {"input_ids": [5, 6, 7], "rid": "to-abort",
+            "sampling_params": {"max_new_tokens": 1000, "ignore_eos": True}}
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(post(llama_server, "/generate",
+                                                               body).json()))
+    worker.start()
+    time.sleep(0.3)
+    assert post(llama_server, "/abort_request", {"rid": "to-abort"}).status_code == 200
+    worker.join(timeout=60)
+    assert result["meta_info"]["finish_reason"]["type"] == "abort"
+
+
+def test_client_disconnect_aborts_its_request(llama_server) -> None:
+    response = requests.post(llama_server.url + "/generate", json={
+        "input_ids": [5, 6, 7], "stream": True,
+        "sampling_params": {"max_new_tokens": 1500, "ignore_eos": True}},
+        stream=True, proxies=NO_PROXY, timeout=60)
+    next(response.iter_lines())
+    response.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if get(llama_server, "/get_load").json()["num_running_reqs"] == 0:
+            break
+        time.sleep(0.1)
+    assert get(llama_server, "/get_load").json()["num_running_reqs"] == 0
+
+
+def test_openai_client_chat_completions_streaming_and_models(llama_server) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=llama_server.url + "/v1", api_key="none")
+    model = client.models.list().data[0].id
+    chat = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Hello"}], temperature=0,
+        max_tokens=8, n=2, logprobs=True, top_logprobs=2)
+    assert len(chat.choices) == 2 and chat.choices[0].message.role == "assistant"
+    assert chat.usage.completion_tokens == 16
+    assert len(chat.choices[0].logprobs.content) == 8
+    pieces, usage = [], None
+    for chunk in client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Hello"}], temperature=0,
+            max_tokens=8, stream=True, stream_options={"include_usage": True}):
+        if chunk.usage:
+            usage = chunk.usage
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+    assert "".join(pieces) == chat.choices[0].message.content
+    assert usage is not None and usage.completion_tokens == 8
+    completion = client.completions.create(model=model, prompt="Once upon", max_tokens=6,
+                                           temperature=0)
+    assert completion.choices[0].finish_reason == "length"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=model, prompt="Once upon", max_tokens=6, temperature=0, stream=True) if c.choices)
+    assert streamed == completion.choices[0].text
+
+
+def test_api_key_guards_everything_but_health(tiny_model_factory, start_server) -> None:
+    server = start_server(tiny_model_factory("qwen2"), "--api-key", "sekret")
+    assert get(server, "/health").status_code == 200
+    assert get(server, "/model_info").status_code == 401
+    assert post(server, "/generate", {"text": "a"}).status_code == 401
+    ok = post(server, "/generate", {"text": "a", "sampling_params": GREEDY},
+              headers={"Authorization": "Bearer sekret"})
+    assert ok.status_code == 200
+
+
+def test_sigterm_aborts_in_flight_requests_and_exits(tiny_model_factory, start_server) -> None:
+    server = start_server(tiny_model_factory("qwen2"))
+    response = requests.post(server.url + "/generate", json={
+        "input_ids": [5, 6, 7], "stream": True,
+        "sampling_params": {"max_new_tokens": 1800, "ignore_eos": True}},
+        stream=True, proxies=NO_PROXY, timeout=60)
+    lines = response.iter_lines()
+    next(lines)
+    server.process.send_signal(signal.SIGTERM)
+    rest = [line.decode() for line in lines if line]
+    finals = [json.loads(line[5:]) for line in rest if line != "data: [DONE]"]
+    assert finals and finals[-1]["meta_info"]["finish_reason"]["type"] == "abort"
+    # uvicorn re-raises the signal once its graceful shutdown is done
+    assert server.process.wait(timeout=30) in (0, -signal.SIGTERM)
