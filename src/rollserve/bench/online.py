@@ -1,0 +1,141 @@
+"""Online throughput: the offline benchmark's workload through HTTP with K concurrent
+streaming clients, against the in-process engine on the same workload, in one run.
+
+    python -m rollserve.bench.online --preset qwen2.5-0.5b --num-prompts 128 --concurrency 64
+
+The server runs as its own process (`python -m rollserve.launch_server`) so the HTTP layer,
+the engine and the client are measured as users deploy them. Three rows: the offline engine
+with every request submitted at once, the offline engine capped at K running requests (the
+same concurrency the clients allow), and the HTTP server; ratios for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+from rollserve import Engine
+from rollserve.bench.offline import RunResult, Workload, make_workload, print_table, run_engine
+from rollserve.models.local_cache import ensure_tiny_model
+
+
+async def _stream_one(session: aiohttp.ClientSession, url: str, prompt: list[int],
+                      max_new_tokens: int) -> int:
+    body = {"input_ids": prompt, "stream": True, "sampling_params": {
+        "temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True}}
+    last: dict = {}
+    async with session.post(url + "/generate", json=body) as response:
+        response.raise_for_status()
+        async for line in response.content:
+            if line.startswith(b"data: {"):
+                last = json.loads(line[6:])
+    return len(last["output_ids"])
+
+
+async def _run_clients(url: str, workload: Workload, concurrency: int) -> int:
+    gate = asyncio.Semaphore(concurrency)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+
+    async def one(prompt: list[int], n: int) -> int:
+        async with gate:
+            return await _stream_one(session, url, prompt, n)
+
+    async with aiohttp.ClientSession(connector=connector, trust_env=False,
+                                     timeout=aiohttp.ClientTimeout(total=None)) as session:
+        counts = await asyncio.gather(*(one(p, n) for p, n in
+                                        zip(workload.prompts, workload.output_lens, strict=True)))
+    return sum(counts)
+
+
+def run_online(model: Path, workload: Workload, concurrency: int, args: argparse.Namespace,
+               port: int) -> RunResult:
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "rollserve.launch_server", "--model-path", str(model),
+               "--port", str(port), "--dtype", args.dtype, "--device", args.device,
+               "--max-total-tokens", str(args.num_prompts * 800), "--disable-radix-cache",
+               "--chunked-prefill-size", str(args.chunked_prefill_size), "--log-level", "warning"]
+    server = subprocess.Popen(command)
+    try:
+        _wait_healthy(url, server)
+        start = time.perf_counter()
+        produced = asyncio.run(_run_clients(url, workload, concurrency))
+        seconds = time.perf_counter() - start
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    assert produced == workload.output_tokens, "server produced fewer tokens than asked"
+    return RunResult(f"http, {concurrency} streams", len(workload.prompts),
+                     workload.input_tokens, produced, seconds)
+
+
+def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 300) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError("server exited during start-up")
+        try:
+            if requests.get(url + "/health", timeout=1, proxies={"http": None}).ok:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("server did not become healthy")
+
+
+def _offline(model: Path, workload: Workload, args: argparse.Namespace, cap: int,
+             name: str) -> RunResult:
+    with Engine(str(model), dtype=args.dtype, device=args.device,
+                max_total_tokens=args.num_prompts * 800, max_running_requests=cap,
+                chunked_prefill_size=args.chunked_prefill_size,
+                disable_radix_cache=True) as engine:
+        engine.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 2})
+        result = run_engine(engine, workload)
+    return RunResult(name, result.requests, result.input_tokens, result.output_tokens,
+                     result.seconds)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m rollserve.bench.online",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="qwen2.5-0.5b")
+    parser.add_argument("--model-path")
+    parser.add_argument("--num-prompts", type=int, default=128)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--chunked-prefill-size", type=int, default=2048)
+    parser.add_argument("--port", type=int, default=31000)
+    args = parser.parse_args(argv)
+    model = Path(args.model_path) if args.model_path else ensure_tiny_model(args.preset)
+    workload = make_workload(args.num_prompts, _vocab(model), args.seed, (64, 512), (32, 256))
+    results = [
+        _offline(model, workload, args, 256, "offline engine"),
+        _offline(model, workload, args, args.concurrency,
+                 f"offline, {args.concurrency} running"),
+        run_online(model, workload, args.concurrency, args, args.port),
+    ]
+    print(f"model: {model} ({args.dtype}, {args.device}); {args.num_prompts} prompts")
+    print_table(results)
+    online = results[2].output_throughput
+    print(f"online_vs_offline: {online / results[0].output_throughput:.2f}")
+    print(f"online_vs_offline_same_concurrency: {online / results[1].output_throughput:.2f}")
+
+
+def _vocab(model: Path) -> int:
+    from rollserve.models.config import load_model_config
+
+    return load_model_config(model).vocab_size
+
+
+if __name__ == "__main__":
+    main()
