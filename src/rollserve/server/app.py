@@ -121,7 +121,8 @@ async def _updates(
                 if done:
                     break
                 if await request.is_disconnected():
-                    step.cancel()
+                    step.cancel()  # the generator's cleanup aborts the requests
+                    await asyncio.gather(step, return_exceptions=True)
                     return
             try:
                 yield step.result()
