@@ -81,16 +81,21 @@ class ServerProcess:
         raise TimeoutError(f"server not ready in {timeout}s:\n{self.log.read_text()[-3000:]}")
 
     def stop(self) -> int:
-        import subprocess
+        return stop_process(self.process)
 
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+
+def stop_process(process, timeout: float = 30.0) -> int:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout`; returns the exit code."""
+    import subprocess
+
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
 
 
 @pytest.fixture

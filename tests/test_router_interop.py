@@ -9,7 +9,7 @@ import time
 
 import pytest
 import requests
-from conftest import free_port
+from conftest import free_port, stop_process
 
 NO_PROXY = {"http": None, "https": None}
 
@@ -47,12 +47,7 @@ class Router:
         raise TimeoutError(f"worker {url} never became healthy")
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
         self.log.close()
 
 

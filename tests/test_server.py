@@ -131,29 +131,35 @@ def test_info_and_admin_endpoints(llama_server) -> None:
         assert name in metrics
 
 
-def test_flush_cache_succeeds_while_requests_run(llama_server) -> None:
-    body = {"input_ids": list(range(5, 60)), "rid": "flush-busy",
-            "sampling_params": {"max_new_tokens": 300, "ignore_eos": True}}
+def _generate_in_background(server, body: dict) -> tuple[threading.Thread, dict]:
+    """POST /generate on a thread; returns once the engine is running the request."""
     result: dict = {}
-    worker = threading.Thread(target=lambda: result.update(post(llama_server, "/generate",
+    worker = threading.Thread(target=lambda: result.update(post(server, "/generate",
                                                                body).json()))
     worker.start()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 30
+    while get(server, "/get_load").json()["num_running_reqs"] == 0:
+        assert time.monotonic() < deadline, "request never started running"
+        time.sleep(0.01)
+    return worker, result
+
+
+def test_flush_cache_succeeds_while_requests_run(llama_server) -> None:
+    worker, result = _generate_in_background(llama_server, {
+        "input_ids": list(range(5, 60)),
+        "sampling_params": {"max_new_tokens": 1500, "ignore_eos": True}})
     for method in (requests.get, requests.post):
         response = method(llama_server.url + "/flush_cache", proxies=NO_PROXY, timeout=30)
         assert response.status_code == 200 and response.json()["success"] is True
+    assert get(llama_server, "/get_load").json()["num_running_reqs"] == 1
     worker.join(timeout=60)
     assert result["meta_info"]["finish_reason"]["type"] == "length"
 
 
 def test_abort_request_by_rid_finishes_with_abort(llama_server) -> None:
-    body = {"input_ids": [5, 6, 7], "rid": "to-abort",
-            "sampling_params": {"max_new_tokens": 1000, "ignore_eos": True}}
-    result: dict = {}
-    worker = threading.Thread(target=lambda: result.update(post(llama_server, "/generate",
-                                                               body).json()))
-    worker.start()
-    time.sleep(0.3)
+    worker, result = _generate_in_background(llama_server, {
+        "input_ids": [5, 6, 7], "rid": "to-abort",
+        "sampling_params": {"max_new_tokens": 1500, "ignore_eos": True}})
     assert post(llama_server, "/abort_request", {"rid": "to-abort"}).status_code == 200
     worker.join(timeout=60)
     assert result["meta_info"]["finish_reason"]["type"] == "abort"

@@ -100,10 +100,6 @@ class ReqToTokenTable:
         self.max_len = max_len
         self._free_rows = list(range(rows - 1, -1, -1))
 
-    @property
-    def num_free_rows(self) -> int:
-        return len(self._free_rows)
-
     def alloc_row(self) -> int:
         return self._free_rows.pop()
 

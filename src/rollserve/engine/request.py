@@ -73,8 +73,6 @@ class Req:
     first_token_time: float | None = None
     last_token_time: float = 0.0
     finished_time: float | None = None
-    sent_text_len: int = 0  # consumer-side bookkeeping for streaming deltas
-    sent_output_len: int = 0
 
     @property
     def fill_ids(self) -> list[int]:

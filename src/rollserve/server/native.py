@@ -14,7 +14,7 @@ GENERATE_FIELDS = {
     # metrics are always counted.
     "model", "log_metrics",
 }
-SAMPLING_FIELDS = {f for f in SamplingParams.__slots__}
+SAMPLING_FIELDS = set(SamplingParams.__slots__)
 
 
 def parse_generate(body: Any, defaults: dict[str, Any]) -> dict[str, Any]:
