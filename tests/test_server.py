@@ -233,3 +233,18 @@ def test_sigterm_aborts_in_flight_requests_and_exits(tiny_model_factory, start_s
     assert finals and finals[-1]["meta_info"]["finish_reason"]["type"] == "abort"
     # uvicorn re-raises the signal once its graceful shutdown is done
     assert server.process.wait(timeout=30) in (0, -signal.SIGTERM)
+
+
+def test_server_args_reject_unknown_keys_and_flags() -> None:
+    import subprocess
+    import sys
+
+    from rollserve import ServerArgs
+
+    with pytest.raises(TypeError, match="attention_backnd"):
+        ServerArgs(model_path="m", attention_backnd="triton")
+    with pytest.raises(ValueError, match="tp_size"):
+        ServerArgs(model_path="m", tp_size=2)
+    run = subprocess.run([sys.executable, "-m", "rollserve.launch_server", "--model-path", "m",
+                          "--bogus-flag", "1"], capture_output=True, text=True)
+    assert run.returncode == 2 and "--bogus-flag" in run.stderr

@@ -80,8 +80,12 @@ class ServerArgs:
 
     @classmethod
     def from_cli(cls, argv: list[str] | None = None) -> ServerArgs:
-        namespace = build_parser().parse_args(argv)
-        return cls(**vars(namespace))
+        parser = build_parser()
+        namespace = parser.parse_args(argv)
+        try:
+            return cls(**vars(namespace))
+        except ValueError as exc:
+            parser.error(str(exc))  # exits with status 2 and the usage line
 
 
 def build_parser() -> argparse.ArgumentParser:
