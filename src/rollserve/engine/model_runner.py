@@ -10,7 +10,6 @@ import torch
 from rollserve.engine.kv_pool import KVPool, ReqToTokenTable
 from rollserve.engine.request import Req
 from rollserve.models.attention import AttentionBatch, ExtendSpan
-from rollserve.models.cpu_kernels import decode_attention_kernel
 from rollserve.models.llama import CausalLM
 
 
@@ -57,7 +56,6 @@ class ModelRunner:
     def __init__(self, model: CausalLM, pool: KVPool, table: ReqToTokenTable) -> None:
         self.model, self.pool, self.table = model, pool, table
         self.device = pool.device
-        self.decode_kernel = decode_attention_kernel() if self.device.type == "cpu" else None
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, out_slots: torch.Tensor) -> StepLogits:
@@ -96,7 +94,7 @@ class ModelRunner:
         self, batch: ScheduledBatch, positions: torch.Tensor, out_slots: torch.Tensor
     ) -> AttentionBatch:
         table = self.table.slots
-        decode_slots = decode_padding = kv_lens = None
+        decode_slots = decode_padding = None
         if batch.decodes:
             kv_lens = torch.tensor([len(r.fill_ids) for r in batch.decodes], device=self.device)
             rows = torch.tensor([r.table_row for r in batch.decodes], device=self.device)
@@ -113,8 +111,7 @@ class ModelRunner:
             ))
             offset += size
         return AttentionBatch(
-            positions, out_slots, len(batch.decodes), decode_slots, decode_padding, kv_lens,
-            self.decode_kernel, spans,
+            positions, out_slots, len(batch.decodes), decode_slots, decode_padding, spans,
             self.pool.k_cache, self.pool.v_cache,
         )
 

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rollserve.models.cpu_kernels import DecodeAttention
-
 
 @dataclass(slots=True)
 class ExtendSpan:
@@ -32,8 +30,6 @@ class AttentionBatch:
     num_decode: int  # rows [0, num_decode) are decode tokens
     decode_kv_slots: torch.Tensor | None  # [num_decode, max_kv_len], padded with slot 0
     decode_padding: torch.Tensor | None  # [num_decode, 1, max_kv_len] bool, True = padding
-    decode_kv_lens: torch.Tensor | None  # [num_decode] int64
-    decode_kernel: DecodeAttention | None  # the C++ CPU kernel, when it could be built
     extends: list[ExtendSpan]
     k_cache: torch.Tensor  # [layers, kv_heads, slots, head_dim]
     v_cache: torch.Tensor
@@ -49,12 +45,7 @@ def paged_attention(
     v_cache[:, batch.out_slots] = v.transpose(0, 1)
     out = torch.empty_like(q)
     n = batch.num_decode
-    if n and batch.decode_kernel is not None:
-        out[:n] = batch.decode_kernel(
-            q[:n].contiguous(), k_cache, v_cache, batch.decode_kv_slots, batch.decode_kv_lens,
-            scale,
-        )
-    elif n:
+    if n:
         out[:n] = _attend_decode(q[:n], k_cache, v_cache, batch, scale)
     for span in batch.extends:
         out[span.start : span.end] = _attend_extend(
