@@ -1,0 +1,129 @@
+"""InferenceHTTPClient (seed 000) against a real rollserve server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from conftest import free_port
+
+from rollserve.client import InferenceHTTPClient, InferenceHTTPError
+
+GREEDY = {"temperature": 0.0, "max_new_tokens": 8}
+
+
+def test_seed_000_sync_example(llama_server) -> None:
+    client = InferenceHTTPClient(llama_server.url + "/")  # a trailing slash is fine
+    assert client.health()
+    out = client.generate(prompt="The capital of France is",
+                          sampling_params={"temperature": 0.0, "max_new_tokens": 32})
+    assert out["meta_info"]["completion_tokens"] == 32
+    reply = client.chat_completion(messages=[{"role": "user", "content": "Hello"}],
+                                   model="any", temperature=0.0, max_tokens=32)
+    assert reply["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_seed_000_async_fan_out_of_200_requests(llama_server) -> None:
+    async def fan_out(router_url: str, prompts: list[str]) -> list[dict]:
+        async with InferenceHTTPClient(router_url) as client:
+            tasks = [client.async_generate(prompt=p, sampling_params=GREEDY) for p in prompts]
+            return await asyncio.gather(*tasks)
+
+    prompts = [f"prompt number {i}" for i in range(200)]
+    results = asyncio.run(fan_out(llama_server.url, prompts))
+    assert len(results) == 200 and all(r["meta_info"]["completion_tokens"] == 8 for r in results)
+
+
+def test_token_ids_logprobs_and_chat_async(llama_server) -> None:
+    async def run() -> tuple[dict, dict]:
+        async with InferenceHTTPClient(llama_server.url) as client:
+            out = await client.async_generate(input_ids=[5, 6, 7], sampling_params=GREEDY,
+                                              return_logprob=True)
+            chat = await client.async_chat_completion(
+                messages=[{"role": "user", "content": "Hi"}], model="m", max_tokens=4)
+            return out, chat
+
+    out, chat = asyncio.run(run())
+    triples = out["meta_info"]["output_token_logprobs"]
+    assert [t[1] for t in triples] == out["output_ids"] and all(t[0] <= 0 for t in triples)
+    assert chat["usage"]["completion_tokens"] == 4
+
+
+def test_session_is_released_and_recreated_after_aclose(llama_server) -> None:
+    async def run() -> None:
+        client = InferenceHTTPClient(llama_server.url)
+        assert client._session is None  # lazy: no session until the first async call
+        assert await client.async_health()
+        session = client._session
+        await client.aclose()
+        assert session.closed and client._session is None
+        assert await client.async_health()  # usable again: a fresh session
+        assert client._session is not session
+        await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_health_is_false_quickly_when_nothing_listens() -> None:
+    client = InferenceHTTPClient(f"http://127.0.0.1:{free_port()}", connect_timeout=1.0)
+    start = time.monotonic()
+    assert client.health() is False
+    assert asyncio.run(client.async_health()) is False
+    assert time.monotonic() - start < 3
+
+
+def test_errors_carry_status_url_and_server_message(llama_server) -> None:
+    client = InferenceHTTPClient(llama_server.url)
+    with pytest.raises(InferenceHTTPError) as err:
+        client.generate(prompt="x", sampling_params={"temprature": 1})
+    assert err.value.status == 400 and "temprature" in err.value.message
+    assert err.value.url.endswith("/generate")
+    with pytest.raises(ValueError, match="exactly one"):
+        client.generate(prompt="x", input_ids=[1])
+    with pytest.raises(OSError):  # connection refused raises promptly
+        InferenceHTTPClient(f"http://127.0.0.1:{free_port()}").generate(prompt="x")
+
+
+def test_stream_generate_deltas_add_up_to_the_full_result(llama_server) -> None:
+    client = InferenceHTTPClient(llama_server.url)
+    params = {"temperature": 0.0, "max_new_tokens": 12}
+    full = client.generate(prompt="Hello there", sampling_params=params)
+    deltas = list(client.stream_generate(prompt="Hello there", sampling_params=params,
+                                         return_logprob=True))
+    assert "".join(d["text"] for d in deltas) == full["text"]
+    assert [t for d in deltas for t in d["output_ids"]] == full["output_ids"]
+    assert sum(len(d["output_token_logprobs"]) for d in deltas) == 12
+
+    async def collect() -> list[dict]:
+        async with InferenceHTTPClient(llama_server.url) as c:
+            return [d async for d in c.async_stream_generate(prompt="Hello there",
+                                                             sampling_params=params)]
+
+    assert "".join(d["text"] for d in asyncio.run(collect())) == full["text"]
+
+
+def test_generate_many_keeps_input_order(llama_server, capsys) -> None:
+    client = InferenceHTTPClient(llama_server.url)
+    ids = [[5 + i, 6, 7] for i in range(40)]
+    results = client.generate_many(input_ids=ids, sampling_params={"max_new_tokens": 2},
+                                   max_concurrency=7, progress=True)
+    singles = [client.generate(input_ids=i, sampling_params={"max_new_tokens": 2,
+                               "temperature": 0.0}) for i in ids[:3]]
+    assert len(results) == 40
+    assert [r["meta_info"]["prompt_tokens"] for r in results] == [3] * 40
+    assert all(r["meta_info"]["completion_tokens"] == 2 for r in results)
+    assert singles[0]["meta_info"]["prompt_tokens"] == 3
+    assert "40/40" in capsys.readouterr().err
+
+
+def test_proxy_variables_do_not_capture_loopback(llama_server, monkeypatch) -> None:
+    dead_proxy = f"http://127.0.0.1:{free_port()}"
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, dead_proxy)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    client = InferenceHTTPClient(llama_server.url)
+    assert client.health()
+    assert client.generate(prompt="a", sampling_params=GREEDY)["output_ids"]
+    assert asyncio.run(client.async_health())
