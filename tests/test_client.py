@@ -127,3 +127,47 @@ def test_proxy_variables_do_not_capture_loopback(llama_server, monkeypatch) -> N
     assert client.health()
     assert client.generate(prompt="a", sampling_params=GREEDY)["output_ids"]
     assert asyncio.run(client.async_health())
+
+
+class _FlakyHandler:
+    """A loopback HTTP server that answers 503 twice, then 200: the failure retries exist
+    for (a router or engine restarting), which a healthy real server never produces."""
+
+    @staticmethod
+    def serve() -> tuple[object, str]:
+        import http.server
+        import json
+        import threading
+
+        answers = iter([503, 503, 200, 200, 200, 200])
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                status = next(answers)
+                body = json.dumps({"text": "ok"} if status == 200 else
+                                  {"error": {"message": "restarting"}}).encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_retries_ride_out_503s_and_give_up_when_told() -> None:
+    server, url = _FlakyHandler.serve()
+    try:
+        with pytest.raises(InferenceHTTPError) as err:
+            InferenceHTTPClient(url).generate(prompt="x")  # no retries by default
+        assert err.value.status == 503 and err.value.message == "restarting"
+        client = InferenceHTTPClient(url, max_retries=2, retry_backoff=0.01)
+        assert client.generate(prompt="x") == {"text": "ok"}  # one 503 left, then 200
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -163,3 +163,28 @@ def test_seed_003_examples_work_unchanged(fleet) -> None:
              {"role": "user", "content": "What is the capital of France?"}]})],
         capture_output=True, text=True, check=True)
     assert json.loads(curl.stdout)["object"] == "chat.completion"
+
+
+def test_client_through_the_router_sync_async_and_streaming(fleet) -> None:
+    import asyncio
+
+    from rollserve.client import InferenceHTTPClient
+
+    router, _ = fleet
+    client = InferenceHTTPClient(router.url)
+    assert client.health()
+    out = client.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 4},
+                          return_logprob=True)
+    assert len(out["meta_info"]["output_token_logprobs"]) == 4
+    deltas = list(client.stream_generate(prompt="Hi", sampling_params={"max_new_tokens": 6}))
+    assert sum(len(d["output_ids"]) for d in deltas) == 6
+
+    async def fan_out() -> list[dict]:
+        async with InferenceHTTPClient(router.url) as c:
+            return await asyncio.gather(*(c.async_generate(
+                prompt=f"q{i}", sampling_params={"max_new_tokens": 2}) for i in range(50)))
+
+    assert len(asyncio.run(fan_out())) == 50
+    ordered = client.generate_many(prompts=[f"p{i}" for i in range(20)],
+                                   sampling_params={"max_new_tokens": 1}, max_concurrency=5)
+    assert len(ordered) == 20 and all(r["meta_info"]["completion_tokens"] == 1 for r in ordered)
