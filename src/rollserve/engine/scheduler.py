@@ -134,16 +134,14 @@ class Scheduler:
 
     def _next_admissible(self) -> tuple[Req, torch.Tensor] | None:
         """The next waiting request by policy, with its cached prefix matched and locked."""
-        candidates = [r for r in self.waiting if not self._waits_for_leader(r)]
-        if not candidates:
-            return None
-        if self.config.schedule_policy == "lpm" and len(candidates) <= LPM_MAX_QUEUE:
+        candidates = (r for r in self.waiting if not self._waits_for_leader(r))
+        if self.config.schedule_policy == "lpm" and len(self.waiting) <= LPM_MAX_QUEUE:
             matched = [(len(self.cache.match_prefix(self._match_key(r))[0]), r)
                        for r in candidates]
-            req = max(matched, key=lambda m: m[0])[1]
+            req = max(matched, key=lambda m: m[0])[1] if matched else None
         else:
-            req = candidates[0]
-        return req, self._lock_prefix(req)
+            req = next(candidates, None)  # fcfs: no scan of a long queue
+        return None if req is None else (req, self._lock_prefix(req))
 
     def _waits_for_leader(self, req: Req) -> bool:
         leader = req.leader
