@@ -171,3 +171,22 @@ def test_retries_ride_out_503s_and_give_up_when_told() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_chat_streaming_sync_and_async_match_the_full_reply(llama_server) -> None:
+    client = InferenceHTTPClient(llama_server.url)
+    messages = [{"role": "user", "content": "Tell me a story"}]
+    full = client.chat_completion(messages, temperature=0.0, max_tokens=10)
+    text = full["choices"][0]["message"]["content"]
+    chunks = list(client.stream_chat_completion(messages, temperature=0.0, max_tokens=10))
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == text
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+    async def collect() -> str:
+        async with InferenceHTTPClient(llama_server.url) as c:
+            return "".join([ch["choices"][0]["delta"].get("content") or ""
+                            async for ch in c.async_stream_chat_completion(
+                                messages, temperature=0.0, max_tokens=10)])
+
+    assert asyncio.run(collect()) == text

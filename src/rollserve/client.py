@@ -87,6 +87,19 @@ class InferenceHTTPClient:
                 if event is not None:
                     yield tracker.delta(event)
 
+    def stream_chat_completion(self, messages: list[dict[str, Any]], model: str = "default",
+                               **kwargs: Any) -> Iterator[dict[str, Any]]:
+        """Yields the OpenAI `chat.completion.chunk` events (already deltas)."""
+        url = self.base_url + "/v1/chat/completions"
+        body = {"model": model, "messages": messages, **kwargs, "stream": True}
+        with self._http.post(url, json=body, stream=True,
+                             timeout=(self.connect_timeout, None)) as response:
+            _raise_for(response.status_code, url, response.text if not response.ok else "")
+            for line in response.iter_lines():
+                event = _sse_event(line)
+                if event is not None:
+                    yield event
+
     def _post(self, path: str, body: dict[str, Any]) -> Any:
         url = self.base_url + path
         for attempt in range(self.max_retries + 1):
@@ -141,6 +154,19 @@ class InferenceHTTPClient:
                 event = _sse_event(line.rstrip(b"\r\n"))
                 if event is not None:
                     yield tracker.delta(event)
+
+    async def async_stream_chat_completion(
+        self, messages: list[dict[str, Any]], model: str = "default", **kwargs: Any,
+    ) -> AsyncIterator[dict[str, Any]]:
+        url = self.base_url + "/v1/chat/completions"
+        body = {"model": model, "messages": messages, **kwargs, "stream": True}
+        async with self._get_session().post(url, json=body) as response:
+            if response.status >= 300:
+                _raise_for(response.status, url, await response.text())
+            async for line in response.content:
+                event = _sse_event(line.rstrip(b"\r\n"))
+                if event is not None:
+                    yield event
 
     async def _apost(self, path: str, body: dict[str, Any]) -> Any:
         url = self.base_url + path
