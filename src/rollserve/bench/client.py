@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rollserve.bench.online import _wait_healthy
+from rollserve.bench.online import wait_healthy
 from rollserve.client import InferenceHTTPClient
 from rollserve.models.local_cache import ensure_tiny_model
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
                                str(model), "--port", str(args.port), "--device", "cpu",
                                "--max-total-tokens", "65536", "--log-level", "warning"])
     try:
-        _wait_healthy(url, server)
+        wait_healthy(url, server)
         n, k = args.num_requests, args.concurrency
         results = [
             _measure("rollserve InferenceHTTPClient", lambda: _rollserve(url, n, k), n),

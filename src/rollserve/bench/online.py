@@ -63,7 +63,7 @@ def run_online(model: Path, workload: Workload, concurrency: int, args: argparse
                "--chunked-prefill-size", str(args.chunked_prefill_size), "--log-level", "warning"]
     server = subprocess.Popen(command)
     try:
-        _wait_healthy(url, server)
+        wait_healthy(url, server)
         start = time.perf_counter()
         produced = asyncio.run(_run_clients(url, workload, concurrency))
         seconds = time.perf_counter() - start
@@ -75,7 +75,7 @@ def run_online(model: Path, workload: Workload, concurrency: int, args: argparse
                      workload.input_tokens, produced, seconds)
 
 
-def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 300) -> None:
+def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 300) -> None:
     import requests
 
     deadline = time.monotonic() + timeout

@@ -117,13 +117,9 @@ class CausalLM(nn.Module):
         """Refresh the derived prepacked weights; call after loading or changing weights."""
         for module in self.modules():
             if isinstance(module, Linear):
-                module.repack()
-        self.packed_output_embedding = pack(self.output_embedding())
-
-    def output_embedding(self) -> torch.Tensor:
+                module.repack()  # an untied lm_head is one of these
         if self.config.tie_word_embeddings:
-            return self.model.embed_tokens.weight
-        return self.lm_head.weight
+            self.packed_output_embedding = pack(self.model.embed_tokens.weight)
 
     def forward(self, input_ids: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         """Final hidden states, [tokens, hidden]."""
@@ -131,4 +127,6 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits for the given rows only (the lm_head is costly: pick rows first)."""
-        return linear(hidden, self.output_embedding(), self.packed_output_embedding).float()
+        if not self.config.tie_word_embeddings:
+            return self.lm_head(hidden).float()
+        return linear(hidden, self.model.embed_tokens.weight, self.packed_output_embedding).float()
