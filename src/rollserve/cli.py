@@ -1,12 +1,19 @@
-"""`rollserve` console script: `rollserve demo [...]`, `rollserve serve --model-path ...`."""
+"""`rollserve` console script.
+
+`rollserve launch [overrides]`  engines + router from a Hydra config (the main job)
+`rollserve demo [overrides]`    the same with `demo=true`: a rollout workload and a summary
+`rollserve serve --model-path`  one engine server (`python -m rollserve.launch_server`)
+"""
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 COMMANDS = {
-    "demo": "rollserve.demo",
-    "serve": "rollserve.launch_server",
+    "launch": ("rollserve.launch", []),
+    "demo": ("rollserve.launch", ["demo=true"]),
+    "serve": ("rollserve.launch_server", []),
 }
 
 
@@ -15,9 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     command = argv[0] if argv else "demo"
     if command not in COMMANDS:
         sys.exit(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
-    import importlib
-
-    importlib.import_module(COMMANDS[command]).main(argv[1:])
+    module, preset = COMMANDS[command]
+    importlib.import_module(module).main([*preset, *argv[1:]])
 
 
 if __name__ == "__main__":

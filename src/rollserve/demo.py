@@ -1,52 +1,60 @@
-"""The engine demo: a few chat prompts through the in-process engine, then throughput."""
+"""The fleet demo: an RL-style rollout workload through the router, then a summary.
+
+Prompts come in groups that share a long task description (as GRPO samples several
+completions per task), so the router's cache-aware policy and the engines' prefix caches
+both have something to do.
+"""
 
 from __future__ import annotations
 
-import argparse
 import time
 
-from rollserve.engine.engine import Engine
-from rollserve.models.local_cache import ensure_tiny_model
+import requests
 
-PROMPTS = (
-    "What is the capital of France?",
-    "Write a haiku about reinforcement learning.",
-    "Explain continuous batching in one sentence.",
-    "List three prime numbers.",
+from rollserve.client import InferenceHTTPClient
+from rollserve.cluster.handles import ServerGroup
+
+TASKS = (
+    "Solve the arithmetic problem and give only the final number.",
+    "Write a one-line Python function for the described behaviour.",
+    "Answer the trivia question in a single word.",
+    "Summarise the sentence in at most five words.",
 )
+QUESTIONS = ("12 + 30", "reverse a string", "capital of France", "the cat sat on the mat",
+             "7 * 6", "sum a list", "largest ocean", "reinforcement learning needs rewards")
 
 
-def run_demo(preset: str = "qwen2", num_requests: int = 64, max_new_tokens: int = 64) -> None:
-    path = ensure_tiny_model(preset)
-    print(f"model: {path} (random weights: the text is gibberish, the serving is real)")
-    with Engine(str(path), device="cpu", max_total_tokens=32768) as engine:
-        chats = [
-            engine.tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
-            )
-            for p in PROMPTS
-        ]
-        params = {"temperature": 0.8, "max_new_tokens": max_new_tokens, "sampling_seed": 0}
-        for prompt, out in zip(PROMPTS, engine.generate(chats, params), strict=True):
-            print(f"\n> {prompt}\n{out['text']!r}\n  ({out['meta_info']['finish_reason']})")
-        batch = [chats[i % len(chats)] for i in range(num_requests)]
-        start = time.perf_counter()
-        outputs = engine.generate(batch, {**params, "ignore_eos": True})
-        seconds = time.perf_counter() - start
-        stats = engine.stats()
-    tokens = sum(o["meta_info"]["completion_tokens"] for o in outputs)
-    cached = sum(o["meta_info"]["cached_tokens"] for o in outputs)
-    prompt_tokens = sum(o["meta_info"]["prompt_tokens"] for o in outputs)
+def demo_prompts(count: int) -> list[str]:
+    """`count` prompts: each task's long preamble, then one of the questions."""
+    preamble = "You are a careful assistant working through a batch of rollouts. " * 4
+    return [f"{preamble}\nTask: {TASKS[i % len(TASKS)]}\nInput: "
+            f"{QUESTIONS[(i // len(TASKS)) % len(QUESTIONS)]}\nAnswer:" for i in range(count)]
+
+
+def run_demo(router_url: str, servers: ServerGroup, num_requests: int,
+             max_new_tokens: int) -> None:
+    urls = servers.get_server_url().wait()
+    before = [_requests_finished(url) for url in urls]
+    client = InferenceHTTPClient(router_url)
+    params = {"temperature": 1.0, "max_new_tokens": max_new_tokens, "ignore_eos": True}
+    start = time.perf_counter()
+    outputs = client.generate_many(prompts=demo_prompts(num_requests), sampling_params=params,
+                                   max_concurrency=128, progress=True)
+    seconds = time.perf_counter() - start
+    per_engine = [_requests_finished(url) - b for url, b in zip(urls, before, strict=True)]
+    metas = [out["meta_info"] for out in outputs]
+    prompt_tokens = sum(m["prompt_tokens"] for m in metas)
+    tokens = sum(m["completion_tokens"] for m in metas)
+    cached = sum(m["cached_tokens"] for m in metas)
+    print(f"\nsample: {outputs[0]['text']!r} (random weights: gibberish text, real serving)")
     print(f"\n{'requests':>9}{'out tokens':>12}{'seconds':>10}{'out tok/s':>11}"
-          f"{'cache hit':>11}{'max batch':>11}")
+          f"{'cache hit':>11}  requests per engine")
     print(f"{len(outputs):>9}{tokens:>12}{seconds:>10.2f}{tokens / seconds:>11.1f}"
-          f"{cached / prompt_tokens:>11.0%}{stats['max_running']:>11}")
+          f"{cached / prompt_tokens:>11.0%}  {per_engine}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="rollserve demo", description=__doc__)
-    parser.add_argument("--preset", default="qwen2")
-    parser.add_argument("--num-requests", type=int, default=64)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    args = parser.parse_args(argv)
-    run_demo(args.preset, args.num_requests, args.max_new_tokens)
+def _requests_finished(server_url: str) -> int:
+    http = requests.Session()
+    http.trust_env = False  # internal traffic: never through a proxy
+    info = http.get(server_url + "/server_info", timeout=10).json()
+    return sum(state["requests_finished"] for state in info["internal_states"])

@@ -1,0 +1,149 @@
+"""`launch_router_and_servers`: engine servers on their nodes, one router, registration.
+
+Order (seed 004): repack the hardware ranks into one engine per tp x pp ranks, start every
+engine in parallel (one Ray actor each, pinned to its node), start the router with no
+workers on `router_node_rank`, then register each engine and block until the router reports
+it healthy. Any failure stops everything this call started and raises `FleetLaunchError`
+naming each failed component with the tail of its log.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from rollserve.cluster.args import FleetArgs
+from rollserve.cluster.cluster import Cluster, NodeInfo
+from rollserve.cluster.handles import EngineInfo, Pending, RouterGroup, ServerGroup
+from rollserve.cluster.placement import PlacementStrategy, packed_strategy
+from rollserve.cluster.workers import EngineServerActor, RouterActor, Started
+
+
+class FleetLaunchError(RuntimeError):
+    """An engine or the router failed to start; everything started was stopped."""
+
+
+@dataclass(slots=True, frozen=True)
+class EngineSlot:
+    """One engine's place: a node and the hardware ranks it owns there."""
+
+    name: str
+    node: NodeInfo
+    local_ranks: tuple[int, ...]
+    env_vars: Mapping[str, str]
+
+    def device_env(self) -> tuple[dict[str, str], list[int] | None, str]:
+        """(environment, CPU core ids to pin or None, description) for the engine process."""
+        env = dict(self.env_vars)
+        if self.node.has_gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.local_ranks))
+            return env, None, f"cuda:{env['CUDA_VISIBLE_DEVICES']}"
+        per_rank = self.node.cores_per_rank
+        cores = [r * per_rank + k for r in self.local_ranks for k in range(per_rank)]
+        return env, cores, f"cpu cores {','.join(map(str, cores))}"
+
+
+def launch_router_and_servers(
+    cfg: Any, cluster: Cluster, rollout_hardware_ranks: Sequence[int] | None,
+    router_server_args: Any, *, rollout_node_group: str | Sequence[str] | None = None,
+    placement_strategy: PlacementStrategy | None = None, router_node_rank: int = 0,
+) -> tuple[ServerGroup | None, RouterGroup | None]:
+    """Starts the engines and the router; returns `(server_group, router_group)`.
+
+    `placement_strategy`, when given, is used as it is (each process = one engine of
+    tp x pp ranks) and `rollout_hardware_ranks` is ignored; otherwise the ranks must be
+    contiguous. A group whose `launch_server` / `launch_router` is false comes back None.
+    """
+    args = FleetArgs.from_config(router_server_args)
+    log_dir = args.log_dir or _config_log_dir(cfg) or tempfile.mkdtemp(prefix="rollserve-")
+    servers: ServerGroup | None = None
+    router: RouterGroup | None = None
+    try:
+        if args.launch_server:
+            strategy = placement_strategy or packed_strategy(
+                rollout_hardware_ranks or [], args.ranks_per_engine, rollout_node_group)
+            servers = _start_servers(plan_engines(cluster, strategy, args), args, log_dir)
+        if args.launch_router:
+            router = _start_router(cluster.get_node(router_node_rank), args, log_dir)
+            if servers is not None:
+                timeout = args.startup_timeout_secs
+                Pending([router._actors[0].register.remote(e.url, timeout)
+                         for e in servers.engines]).wait()
+    except BaseException:
+        for group in (router, servers):
+            if group is not None:
+                group.shutdown().wait()
+        raise
+    return servers, router
+
+
+launch_sglang_router_and_server = launch_router_and_servers  # seed 004's name
+
+
+def plan_engines(cluster: Cluster, strategy: PlacementStrategy,
+                 args: FleetArgs) -> list[EngineSlot]:
+    group = cluster.get_node_group(strategy.node_group)
+    slots = []
+    for index, ranks in enumerate(strategy.process_ranks):
+        if len(ranks) != args.ranks_per_engine:
+            raise ValueError(f"placement process {index} has {len(ranks)} hardware ranks, but "
+                             f"an engine needs tp x pp = {args.ranks_per_engine}")
+        located = [group.locate(rank) for rank in ranks]
+        nodes = {node.rank for node, _ in located}
+        if len(nodes) > 1:
+            raise ValueError(f"engine {index}: hardware ranks {list(ranks)} span nodes "
+                             f"{sorted(nodes)}; an engine must sit on one node")
+        slots.append(EngineSlot(f"{args.group_name}-{index}", located[0][0],
+                                tuple(local for _, local in located), group.env_vars))
+    return slots
+
+
+def _start_servers(slots: list[EngineSlot], args: FleetArgs, log_dir: str) -> ServerGroup:
+    actors, refs, devices = [], [], []
+    for slot in slots:
+        env, cores, device = slot.device_env()
+        actor = _on_node(EngineServerActor, slot.node).remote(slot.name, log_dir, slot.node.ip)
+        actors.append(actor)
+        devices.append(device)
+        refs.append(actor.launch.remote(args, env, cores, args.startup_timeout_secs))
+    results: list[Started] = ray.get(refs)
+    engines = [EngineInfo(r.name, r.url or "", s.node.rank, s.node.ip, s.local_ranks, d,
+                          r.log_path) for r, s, d in zip(results, slots, devices, strict=True)]
+    group = ServerGroup(args.group_name, actors, engines)
+    _raise_failures(results, group)
+    return group
+
+
+def _start_router(node: NodeInfo, args: FleetArgs, log_dir: str) -> RouterGroup:
+    name = f"{args.router_group_name}-0"
+    actor = _on_node(RouterActor, node).remote(name, log_dir, node.ip)
+    result: Started = ray.get(actor.launch.remote(args, args.startup_timeout_secs))
+    group = RouterGroup(args.router_group_name, actor, result.url or "", node.rank)
+    _raise_failures([result], group)
+    return group
+
+
+def _raise_failures(results: list[Started], group: ServerGroup | RouterGroup) -> None:
+    errors = [r.error for r in results if r.error]
+    if errors:
+        group.shutdown().wait()
+        raise FleetLaunchError("\n\n".join(errors))
+
+
+def _on_node(actor_class: Any, node: NodeInfo) -> Any:
+    strategy = NodeAffinitySchedulingStrategy(node_id=node.node_id, soft=False)
+    # One task at a time, on the actor's main thread: the parent-death signal of the
+    # child process is tied to the thread that started it.
+    return actor_class.options(scheduling_strategy=strategy)
+
+
+def _config_log_dir(cfg: Any) -> str | None:
+    try:
+        return cfg.get("log_dir") if cfg is not None else None
+    except AttributeError:
+        return None

@@ -1,0 +1,1 @@
+"""Packaged Hydra configs (`rollserve launch` reads `launch.yaml`)."""

@@ -1,0 +1,115 @@
+"""Child processes that never outlive their owner: start, log tail, stop the whole tree.
+
+Every child starts in its own session (so a stop reaches its whole process group) and with
+Linux's parent-death signal set, so it gets SIGTERM if its owner dies without stopping it
+(a killed Ray actor, a driver killed with SIGKILL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+_PR_SET_PDEATHSIG = 1
+
+
+def command_flags(options: Mapping[str, Any]) -> list[str]:
+    """`{"--tp-size": 2, "--enable-metrics": True, "--urls": [a, b], "--x": None}` ->
+    `["--tp-size", "2", "--enable-metrics", "--urls", "a", "b"]` (False and None dropped)."""
+    flags: list[str] = []
+    for flag, value in options.items():
+        if value is None or value is False:
+            continue
+        if value is True:
+            flags.append(flag)
+        elif isinstance(value, list | tuple):
+            flags += [flag, *(str(item) for item in value)]
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent(cpu_cores: Sequence[int] | None) -> None:
+    with contextlib.suppress(OSError):  # not Linux: the owner's explicit stop is the guard
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if cpu_cores:
+        os.sched_setaffinity(0, cpu_cores)
+
+
+@dataclass(slots=True)
+class ManagedProcess:
+    """One child process with its log file; `stop()` is idempotent."""
+
+    command: list[str]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    cpu_cores: list[int] | None = None
+    process: subprocess.Popen | None = None
+
+    def start(self) -> int:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        cores = self.cpu_cores
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, **self.env}, start_new_session=True,
+                preexec_fn=lambda: _die_with_parent(cores),
+            )
+        return self.process.pid
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    def exit_code(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(max(0, log.seek(0, os.SEEK_END) - chars))
+                return log.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM to the process group, SIGKILL to whatever is left after `timeout`."""
+        if self.process is None:
+            return
+        tree = _tree(self.process.pid)
+        _signal_group(self.process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=timeout)
+        _signal_group(self.process.pid, signal.SIGKILL)
+        for proc in tree:  # children that left the process group
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        self.process.wait()
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)  # the child leads its own session, so pgid == pid
