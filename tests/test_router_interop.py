@@ -5,50 +5,38 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import pytest
 import requests
-from conftest import free_port, stop_process
+from conftest import free_port
+
+from rollserve.process import ManagedProcess
+from rollserve.router import RouterAPI
 
 NO_PROXY = {"http": None, "https": None}
 
 
 class Router:
-    def __init__(self, log_path, *flags: str) -> None:
+    """The real sglang-router on 127.0.0.1 (its metrics exporter on a free port too)."""
+
+    def __init__(self, log_path: Path, *flags: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
-        self.process = subprocess.Popen(
+        self.api = RouterAPI(self.url)
+        self.process = ManagedProcess(
             [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
-             "--port", str(self.port), *flags],
-            stdout=self.log, stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                requests.get(self.url + "/workers", proxies=NO_PROXY, timeout=1)
-                return
-            except requests.ConnectionError:
-                time.sleep(0.2)
-        raise TimeoutError("router did not start")
+             "--port", str(self.port), "--prometheus-port", str(free_port()), *flags],
+            log_path)
+        error = self.process.start_and_wait(self.api.is_up, timeout=60)
+        if error is not None:
+            raise RuntimeError(f"router did not start: {error}")
 
-    def add_worker(self, url: str, timeout: float = 60) -> None:
-        answer = requests.post(self.url + "/workers", json={"url": url}, proxies=NO_PROXY,
-                               timeout=10)
-        assert answer.status_code in (200, 202), answer.text
-        worker_id = answer.json().get("worker_id")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            info = requests.get(f"{self.url}/workers/{worker_id}", proxies=NO_PROXY, timeout=10)
-            if info.status_code == 200 and info.json().get("is_healthy"):
-                return
-            time.sleep(0.2)
-        raise TimeoutError(f"worker {url} never became healthy")
+    def add_worker(self, url: str) -> None:
+        self.api.register(url, timeout=60)
 
     def stop(self) -> None:
-        stop_process(self.process)
-        self.log.close()
+        self.process.stop()
 
 
 @pytest.fixture(scope="module")

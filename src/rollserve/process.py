@@ -13,7 +13,8 @@ import os
 import signal
 import socket
 import subprocess
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,25 @@ class ManagedProcess:
                 return log.read().decode("utf-8", "replace")
         except FileNotFoundError:
             return ""
+
+    def start_and_wait(self, ready: Callable[[], bool], timeout: float) -> str | None:
+        """Starts, then waits until `ready()`; returns None, or why it failed (with the log
+        tail) after stopping it: it exited during start-up, or was not ready in time."""
+        self.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code = self.exit_code()
+            if code is not None:
+                return self._failure(f"exited with code {code} during start-up")
+            if ready():
+                return None
+            time.sleep(0.25)
+        return self._failure(f"was not ready within {timeout:.0f}s")
+
+    def _failure(self, what: str) -> str:
+        tail = self.log_tail()
+        self.stop()
+        return f"{what}; log {self.log_path}, last lines:\n{tail}"
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM to the process group, SIGKILL to whatever is left after `timeout`."""

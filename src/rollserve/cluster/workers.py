@@ -9,13 +9,14 @@ so the driver can name every engine that failed. The process dies with its actor
 from __future__ import annotations
 
 import os
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 import requests
 
+from rollserve.cluster.args import FleetArgs
 from rollserve.process import ManagedProcess, free_port
 from rollserve.router import RouterAPI
 
@@ -53,25 +54,13 @@ class _ProcessOwner:
             self.process.stop()
 
     def _start(self, command: list[str], env: dict[str, str], cpu_cores: list[int] | None,
-               ready: callable, timeout: float) -> Started:
-        """Starts `command`, then waits until `ready()` is true, the process exits, or timeout."""
+               ready: Callable[[], bool], timeout: float) -> Started:
         self.process = ManagedProcess(command, self.log_path, env, cpu_cores)
-        self.process.start()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            code = self.process.exit_code()
-            if code is not None:
-                return self._failed(f"exited with code {code} during start-up")
-            if ready():
-                return Started(self.name, self.url, None, str(self.log_path), self.process.pid)
-            time.sleep(0.25)
-        return self._failed(f"was not ready within {timeout:.0f}s")
-
-    def _failed(self, what: str) -> Started:
-        tail = self.process.log_tail() if self.process else ""
-        self.shutdown()
-        message = f"{self.name} on {self.host} {what}; log {self.log_path}, last lines:\n{tail}"
-        return Started(self.name, None, message, str(self.log_path), None)
+        error = self.process.start_and_wait(ready, timeout)
+        if error is not None:
+            return Started(self.name, None, f"{self.name} on {self.host} {error}",
+                           str(self.log_path), None)
+        return Started(self.name, self.url, None, str(self.log_path), self.process.pid)
 
 
 class EngineServerWorker(_ProcessOwner):
@@ -82,7 +71,7 @@ class EngineServerWorker(_ProcessOwner):
         self._http = requests.Session()
         self._http.trust_env = False  # internal traffic: never through a proxy
 
-    def launch(self, args: object, env: dict[str, str], cpu_core_ids: list[int] | None,
+    def launch(self, args: FleetArgs, env: dict[str, str], cpu_core_ids: list[int] | None,
                timeout: float) -> Started:
         port = free_port(self.host)
         dist_init_addr = (f"{self.host}:{free_port(self.host)}"
@@ -109,7 +98,7 @@ class RouterWorker(_ProcessOwner):
 
     api: RouterAPI
 
-    def launch(self, args: object, timeout: float) -> Started:
+    def launch(self, args: FleetArgs, timeout: float) -> Started:
         host = str(args.router.get("host") or self.host)
         port = int(args.router.get("port") or free_port(self.host))
         metrics_port = int(args.router.get("prometheus_port") or free_port(self.host))

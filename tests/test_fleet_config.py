@@ -1,4 +1,4 @@
-"""Placement strings, rank repacking and router flags: pure functions, no Ray needed."""
+"""Placement strings, rank repacking, the args block and router flags: no Ray needed."""
 
 from __future__ import annotations
 
@@ -52,3 +52,27 @@ def test_router_block_becomes_validated_launch_router_flags() -> None:
         router_flags({"policy": "fastest"})
     with pytest.raises(ValueError, match=r"unknown router argument.*valid RouterArgs fields"):
         router_flags({"polcy": "random"})
+
+
+def test_args_block_fills_runtime_keys_and_refuses_to_have_them_preset() -> None:
+    from rollserve.cluster.args import FleetArgs
+
+    args = FleetArgs.from_config({"model_path": "/m", "server": {"dtype": "float32"},
+                                  "unrelated_runner_key": 1})
+    command = args.server_command("10.0.0.5", 4000, None)
+    assert command[1:3] == ["-m", "rollserve.launch_server"]
+    assert command[3:] == ["--dtype", "float32", "--model-path", "/m", "--tp-size", "1",
+                           "--host", "10.0.0.5", "--port", "4000"]
+    with pytest.raises(ValueError, match=r"server\.port is filled in by the launcher"):
+        FleetArgs(model_path="/m", server={"port": 1})
+
+
+def test_sglang_engines_need_sglang_installed() -> None:
+    import importlib.util
+
+    from rollserve.cluster.args import FleetArgs
+
+    if importlib.util.find_spec("sglang") is not None:
+        pytest.skip("sglang is installed here")
+    with pytest.raises(ImportError, match="server_type: sglang"):
+        FleetArgs(model_path="/m", server_type="sglang")
