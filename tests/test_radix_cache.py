@@ -56,8 +56,27 @@ def test_locked_nodes_are_never_evicted_and_lru_goes_first() -> None:
     assert cache.match_prefix([1, 2, 3, 4])[0].numel() == 4
     assert cache.protected_size == 4 and cache.evictable_size == 0
     cache.dec_lock_ref(locked)
-    assert cache.flush() == 4
+    assert cache.reset() == 4
     assert pool.num_free == 16
+
+
+def test_reset_detaches_entries_in_use_and_frees_them_on_unlock() -> None:
+    pool = _pool(16)
+    cache = RadixCache(pool)
+    _insert(cache, [1, 2, 3, 4])
+    _insert(cache, [5, 6])
+    _, in_use = cache.match_prefix([1, 2, 3, 4])
+    cache.inc_lock_ref(in_use)
+    epoch = cache.epoch
+    assert cache.reset() == 2  # the unused entry goes now
+    assert cache.epoch == epoch + 1
+    assert cache.match_prefix([1, 2, 3, 4])[0].numel() == 0  # never matched again
+    assert cache.total_size == 0 and cache.detached_size == 4
+    _insert(cache, [1, 2, 3, 4])  # the same key, fresh KV, lives beside the detached one
+    assert cache.match_prefix([1, 2, 3, 4])[0].numel() == 4
+    cache.dec_lock_ref(in_use)
+    assert cache.detached_size == 0 and pool.num_free == 12
+    assert cache.reset() == 4 and pool.num_free == 16
 
 
 def test_disabled_cache_matches_nothing() -> None:

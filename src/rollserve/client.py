@@ -52,14 +52,14 @@ class InferenceHTTPClient:
                  sampling_params: dict[str, Any] | None = None, return_logprob: bool = False,
                  **kwargs: Any) -> Any:
         """POST /generate (SGLang native)."""
-        return self._post("/generate", _generate_body(prompt, input_ids, sampling_params,
-                                                      return_logprob, kwargs))
+        return self.post("/generate", _generate_body(prompt, input_ids, sampling_params,
+                                                     return_logprob, kwargs))
 
     def chat_completion(self, messages: list[dict[str, Any]], model: str = "default",
                         **kwargs: Any) -> dict[str, Any]:
         """POST /v1/chat/completions; extra keyword arguments are sent as JSON fields."""
-        return self._post("/v1/chat/completions", {"model": model, "messages": messages,
-                                                   **kwargs})
+        return self.post("/v1/chat/completions", {"model": model, "messages": messages,
+                                                  **kwargs})
 
     def health(self) -> bool:
         """GET /health; True on 200, False otherwise. Never raises."""
@@ -100,7 +100,9 @@ class InferenceHTTPClient:
                 if event is not None:
                     yield event
 
-    def _post(self, path: str, body: dict[str, Any]) -> Any:
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        """POST a JSON body to any endpoint (e.g. SGLang's admin and weight-update ones) and
+        return the decoded answer; a non-2xx answer raises InferenceHTTPError."""
         url = self.base_url + path
         for attempt in range(self.max_retries + 1):
             try:
@@ -114,6 +116,13 @@ class InferenceHTTPClient:
                     return response.json()
             time.sleep(self.retry_backoff * 2**attempt)
         raise AssertionError("unreachable")
+
+    def get(self, path: str) -> Any:
+        """GET any JSON endpoint (e.g. /get_server_info); raises InferenceHTTPError."""
+        url = self.base_url + path
+        response = self._http.get(url, timeout=(self.connect_timeout, None))
+        _raise_for(response.status_code, url, response.text)
+        return response.json()
 
     # ---- async -----------------------------------------------------------------------
 

@@ -90,9 +90,12 @@ class ManagedProcess:
             return ""
 
     def start_and_wait(self, ready: Callable[[], bool], timeout: float) -> str | None:
-        """Starts, then waits until `ready()`; returns None, or why it failed (with the log
-        tail) after stopping it: it exited during start-up, or was not ready in time."""
         self.start()
+        return self.wait_ready(ready, timeout)
+
+    def wait_ready(self, ready: Callable[[], bool], timeout: float) -> str | None:
+        """Waits until `ready()`; returns None, or why it failed (with the log tail) after
+        stopping it: it exited during start-up, or was not ready in time."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             code = self.exit_code()

@@ -111,7 +111,7 @@ def _start_servers(slots: list[EngineSlot], args: FleetArgs, log_dir: str) -> Se
         actors.append(actor)
         devices.append(device)
         refs.append(actor.launch.remote(args, env, cores, args.startup_timeout_secs))
-    results: list[Started] = ray.get(refs)
+    results = _gather(refs, args.startup_timeout_secs, [s.name for s in slots], actors)
     engines = [EngineInfo(r.name, r.url or "", s.node.rank, s.node.ip, s.local_ranks, d,
                           r.log_path) for r, s, d in zip(results, slots, devices, strict=True)]
     group = ServerGroup(args.group_name, actors, engines)
@@ -122,10 +122,23 @@ def _start_servers(slots: list[EngineSlot], args: FleetArgs, log_dir: str) -> Se
 def _start_router(node: NodeInfo, args: FleetArgs, log_dir: str) -> RouterGroup:
     name = f"{args.router_group_name}-0"
     actor = _on_node(RouterActor, node).remote(name, log_dir, node.ip)
-    result: Started = ray.get(actor.launch.remote(args, args.startup_timeout_secs))
+    result = _gather([actor.launch.remote(args, args.startup_timeout_secs)],
+                     args.startup_timeout_secs, [name], [actor])[0]
     group = RouterGroup(args.router_group_name, actor, result.url or "", node.rank)
     _raise_failures([result], group)
     return group
+
+
+def _gather(refs: list[ray.ObjectRef], timeout: float, names: list[str],
+            actors: list[Any]) -> list[Started]:
+    """The launch results; an actor that never got scheduled (its node is gone or full)
+    fails after the start-up timeout plus a grace period instead of hanging the driver."""
+    try:
+        return ray.get(refs, timeout=timeout + 60)
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as exc:
+        for actor in actors:
+            ray.kill(actor)
+        raise FleetLaunchError(f"{', '.join(names)}: no launch result ({exc})") from None
 
 
 def _raise_failures(results: list[Started], group: ServerGroup | RouterGroup) -> None:

@@ -10,7 +10,7 @@ import json
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,12 +28,15 @@ from rollserve.engine.radix_cache import RadixCache
 from rollserve.engine.request import Req
 from rollserve.engine.scheduler import Scheduler, SchedulerConfig
 from rollserve.engine.validation import GenerateInput, RequestLimits, normalise_request
+from rollserve.engine.weight_update import DEFAULT_GROUP, NamedTensors, WeightUpdater
 from rollserve.models.config import load_model_config
 from rollserve.models.loader import load_model, resolve_device, resolve_dtype
+from rollserve.weight_specs import parse_specs
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+PACKS_PER_STEP = 8  # prepacked forms made per step after an update while requests run
 Prompt = str | list[str] | None
 TokenIds = list[int] | list[list[int]] | None
 
@@ -48,9 +51,12 @@ class Engine:
             keep_freed_memory()
         self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or args.model_path)
         self._token_texts = TokenTexts(self.tokenizer)
-        self.weight_version = "default"  # reported with every output; set by weight updates
         self._build_model()
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        # Weight installs waiting for the engine to drain (engine thread only).
+        self._pending_installs: list[tuple[Callable[[], None], concurrent.futures.Future]] = []
+        # One update at a time: receives must follow the trainer's broadcast order.
+        self._update_lock = threading.Lock()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rollserve-engine", daemon=True)
         self._thread.start()
@@ -74,6 +80,7 @@ class Engine:
         self.eos_ids = _eos_ids(Path(args.model_path), config.eos_token_id, self.tokenizer)
         generator = torch.Generator(device=self.device).manual_seed(args.random_seed)
         runner = ModelRunner(self.model, self.pool, table)
+        self.weights = WeightUpdater(self.model, self.device)
         self.scheduler = Scheduler(
             SchedulerConfig(args.max_running_requests, args.chunked_prefill_size,
                             args.schedule_policy, self.context_len),
@@ -219,8 +226,86 @@ class Engine:
                 "cached_tokens": s.cached_tokens, "generated_tokens": s.generated_tokens,
                 "retracted": s.retracted, "max_running": s.max_running,
                 "requests_finished": s.requests_finished,
+                "unpacked_weights": len(self.weights.unpacked),
             }
         return self._call(read)
+
+    # ---- weight updates (SGLang's RL API) ------------------------------------------------
+    #
+    # An update installs new weights once every request that has started is finished; new
+    # requests wait meanwhile, so each request runs on one weight version (its meta_info
+    # `weight_version`). While paused (pause_generation) updates install at once. The cache
+    # is flushed after an update unless flush_cache=False.
+
+    @property
+    def weight_version(self) -> str:
+        return self.scheduler.weight_version
+
+    def weights_metadata(self) -> dict[str, Any]:
+        """What an update may carry: every parameter's HF name, dtype and shape."""
+        return self.weights.table.to_json()
+
+    def init_weights_update_group(
+        self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+        group_name: str = DEFAULT_GROUP, backend: str = "gloo",
+    ) -> None:
+        """Join a trainer's weight-sync group at rank `rank_offset`; blocks until all
+        `world_size` ranks have joined. Generation goes on meanwhile."""
+        self.weights.init_group(master_address, master_port, rank_offset, world_size,
+                                group_name, backend)
+
+    def destroy_weights_update_group(self, group_name: str = DEFAULT_GROUP) -> None:
+        with self._update_lock:
+            self.weights.destroy_group(group_name)
+
+    def update_weights_from_distributed(
+        self, names: list[str], dtypes: list[str], shapes: list[list[int]],
+        group_name: str = DEFAULT_GROUP, flush_cache: bool = True,
+        weight_version: str | None = None, load_format: str | None = None,
+        abort_all_requests: bool = False, apply: bool = True,
+    ) -> str:
+        """Receive the tensors the trainer broadcasts from rank 0, one per name in order, and
+        install them. Raises ValueError naming the tensor, before receiving anything, for an
+        unknown name, a wrong shape or a non-floating dtype (the trainer must then not
+        broadcast). `apply=False` (rollserve extension) stages them for the next update that
+        applies, so that many buckets switch weights at once."""
+        specs = parse_specs(names, dtypes, shapes)
+        with self._update_lock:
+            self.weights.check(specs, group_name, load_format)
+            tensors = self.weights.receive(specs, group_name, load_format)
+            return self._apply(tensors, apply, flush_cache, weight_version, abort_all_requests)
+
+    def update_weights_from_tensor(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], flush_cache: bool = True,
+        weight_version: str | None = None, abort_all_requests: bool = False,
+        apply: bool = True,
+    ) -> str:
+        """Install in-memory tensors (same checks as update_weights_from_distributed)."""
+        with self._update_lock:
+            tensors = self.weights.from_tensors(list(named_tensors))
+            return self._apply(tensors, apply, flush_cache, weight_version, abort_all_requests)
+
+    def update_weights_from_disk(
+        self, model_path: str, flush_cache: bool = True, weight_version: str | None = None,
+        abort_all_requests: bool = False,
+    ) -> str:
+        """Install a whole checkpoint of the same architecture; on any mismatch raises
+        ValueError and the current weights keep serving."""
+        with self._update_lock:
+            tensors = self.weights.read_checkpoint(model_path)
+            return self._apply(tensors, True, flush_cache, weight_version, abort_all_requests)
+
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
+        return self._call(lambda: self.weights.read(name, truncate_size))
+
+    def pause_generation(self, mode: str = "abort") -> None:
+        """Stop generating; weight updates then install at once. Modes: abort (requests in
+        flight finish with an abort reason), retract (they drop their KV and recompute it on
+        continue), in_place (they keep their KV and continue on whatever weights are in)."""
+        self._call(lambda: self.scheduler.pause(mode))
+
+    def continue_generation(self) -> None:
+        self._call(self.scheduler.resume)
 
     def shutdown(self) -> None:
         if self._stopped.is_set():
@@ -254,13 +339,45 @@ class Engine:
             detokenizer=IncrementalDetokenizer.for_prompt(
                 self.tokenizer, item.input_ids, item.sampling.skip_special_tokens
             ),
-            on_output=emit, logprob=item.logprob, weight_version=self.weight_version,
+            on_output=emit, logprob=item.logprob, weight_version=self.scheduler.weight_version,
             seed_generator=torch.Generator().manual_seed(seed) if seed is not None else None,
         )
         if item.logprob is not None and item.logprob.start_len == 0:
             req.input_logprobs.append((None, item.input_ids[0]))
             req.input_top_logprobs.append(None)
         return req
+
+    def _apply(self, weights: NamedTensors, apply: bool, flush_cache: bool,
+               weight_version: str | None, abort_all_requests: bool) -> str:
+        if not apply:
+            self.weights.stage(weights)
+            return f"staged {len(weights)} tensors; they take effect with the next update"
+        weights = self.weights.take_staged(weights)
+        if abort_all_requests:
+            self.abort_all("aborted for a weight update")
+
+        def install() -> None:
+            self.weights.install(weights)
+            self.scheduler.weights_changed(weight_version)
+            if flush_cache:
+                self.scheduler.flush_cache()
+
+        self._when_drained(install)
+        return f"updated {len(weights)} tensors; weight_version={self.weight_version}"
+
+    def _when_drained(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the engine thread once no started request is unfinished (no new one
+        starts meanwhile), or at once while paused; returns when it has run."""
+        if self._stopped.is_set():
+            raise RuntimeError("the engine is shut down")
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def enqueue() -> None:
+            self._pending_installs.append((fn, future))
+            self.scheduler.hold_admission = True
+
+        self._commands.put(enqueue)
+        future.result()
 
     def _run_on_loop(self, fn: Callable[[], object]) -> None:
         self._commands.put(fn)
@@ -280,15 +397,34 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stopped.is_set():
-            self._drain_commands(block=not self.scheduler.has_work)
+            install_ready = bool(self._pending_installs) and self.scheduler.drained
+            self._drain_commands(block=not (self.scheduler.has_work or install_ready
+                                            or self.weights.unpacked))
             if self._stopped.is_set():
                 break
+            self._run_pending_installs()
+            if self.weights.unpacked:  # idle: all at once; busy: a few per step
+                self.weights.pack_some(PACKS_PER_STEP if self.scheduler.has_work else None)
             try:
                 self.scheduler.step()
             except Exception:
                 # Fail the requests in flight, never the engine: later requests still run.
                 logger.exception("engine step failed; aborting the requests in flight")
                 self.scheduler.abort_all("internal error in the engine step (see server log)")
+        for _, future in self._pending_installs:
+            future.set_exception(RuntimeError("engine shut down before the update applied"))
+
+    def _run_pending_installs(self) -> None:
+        if not (self._pending_installs and self.scheduler.drained):
+            return
+        pending, self._pending_installs = self._pending_installs, []
+        self.scheduler.hold_admission = False
+        for fn, future in pending:
+            try:
+                future.set_result(fn())
+            except Exception as exc:
+                logger.exception("installing new weights failed")
+                future.set_exception(exc)
 
     def _drain_commands(self, block: bool) -> None:
         try:

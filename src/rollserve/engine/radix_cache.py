@@ -4,7 +4,10 @@ Invariants:
 - Every slot referenced by the tree is allocated in the pool and owned by the tree.
 - A node with lock_ref > 0 is in use by a running request, and so are all its ancestors
   (locks are taken and released along the whole path); locked nodes are never evicted.
-- evictable_size + protected_size == number of slots the tree owns.
+- evictable_size + protected_size == number of slots the live tree owns; detached_size counts
+  the slots of detached nodes (see `reset`), which are freed when their last user unlocks them.
+- `epoch` changes whenever every cached entry became invalid (`reset`): KV computed before
+  must never be inserted afterwards.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ class RadixCache:
         self.root.lock_ref = 1  # the root is never evicted
         self.evictable_size = 0
         self.protected_size = 0
+        self.detached_size = 0
+        self.epoch = 0
 
     @property
     def total_size(self) -> int:
@@ -85,7 +90,8 @@ class RadixCache:
         return done
 
     def inc_lock_ref(self, node: RadixNode) -> None:
-        while node is not self.root:
+        """Lock a node of the live tree (as returned by match_prefix) and its ancestors."""
+        while node.parent is not None:
             if node.lock_ref == 0:
                 self.evictable_size -= len(node.key)
                 self.protected_size += len(node.key)
@@ -93,11 +99,18 @@ class RadixCache:
             node = node.parent
 
     def dec_lock_ref(self, node: RadixNode) -> None:
-        while node is not self.root:
-            if node.lock_ref == 1:
+        """Unlock a path; detached nodes nobody uses any more are freed on the way."""
+        live = self._is_live(node)
+        while node.parent is not None:
+            node.lock_ref -= 1
+            if node.lock_ref == 0 and live:
                 self.evictable_size += len(node.key)
                 self.protected_size -= len(node.key)
-            node.lock_ref -= 1
+            elif node.lock_ref == 0:
+                # Its descendants reached zero first (locks cover whole paths) and are gone.
+                self.pool.free(node.value)
+                self.detached_size -= len(node.key)
+                del node.parent.children[node.key[0]]
             node = node.parent
 
     def evict(self, num_tokens: int) -> int:
@@ -117,9 +130,26 @@ class RadixCache:
                 heapq.heappush(leaves, parent)
         return freed
 
-    def flush(self) -> int:
-        """Drop every unreferenced entry; entries in use by running requests stay."""
-        return self.evict(self.evictable_size)
+    def reset(self) -> int:
+        """Forget every entry, because cached KV is no longer valid (new weights). Unused
+        entries are freed now; entries in use by running requests are detached: never matched
+        again, and freed when their last user unlocks them. Returns the tokens freed now."""
+        freed = self.evict(self.evictable_size)
+        if self.root.children:  # all locked now: unlocked subtrees were just evicted
+            detached = RadixNode([], self.root.value, None)
+            detached.children = self.root.children
+            for child in detached.children.values():
+                child.parent = detached
+            self.root.children = {}
+            self.detached_size += self.protected_size
+            self.protected_size = 0
+        self.epoch += 1
+        return freed
+
+    def _is_live(self, node: RadixNode) -> bool:
+        while node.parent is not None:
+            node = node.parent
+        return node is self.root
 
     def _split(self, child: RadixNode, at: int) -> RadixNode:
         """Cut `child`'s edge after `at` tokens; returns the new upper node."""

@@ -48,7 +48,10 @@ class Req:
     seed_generator: torch.Generator | None = None
     # The first sibling of an n > 1 group: siblings wait until its prompt is cached.
     leader: Req | None = None
+    # The weights the request runs on: set when it is first scheduled (`started`), and moved
+    # on when weights change under a paused request (see Scheduler.weights_changed).
     weight_version: str = "default"
+    started: bool = False
 
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
@@ -60,6 +63,7 @@ class Req:
     kv_len: int = 0
     tree_len: int = 0  # the first tree_len slots of the row belong to the radix cache...
     tree_node: RadixNode | None = None  # ...which is locked at this node while we run
+    cache_epoch: int = 0  # the cache epoch our KV belongs to; another epoch: KV is stale
     cached_tokens: int = 0
     prefill_done: bool = False
     input_logprobs_done: bool = False

@@ -6,6 +6,10 @@ Invariants:
   cache (locked at tree_node), slots [tree_len, kv_len) belong to the request.
 - A request is admitted only when the pool (free + evictable) can hold its next chunk; when
   decoding runs out of slots, requests are retracted (cached, requeued, recomputed later).
+- Weight changes: while `hold_admission` is set only requests that already started are
+  scheduled, so the engine drains to a point where new weights can go in without any request
+  seeing two versions; while `paused` nothing runs at all. A request whose KV predates a cache
+  reset (`cache_epoch`) never hands that KV to the cache.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 LPM_MAX_QUEUE = 128  # longest-prefix-match ordering costs a tree walk per waiting request
 NEW_TOKEN_RATIO = 0.3  # share of each running request's remaining budget kept free for it
+PAUSE_MODES = ("abort", "retract", "in_place")
 
 
 @dataclass(slots=True)
@@ -64,10 +69,22 @@ class Scheduler:
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.stats = SchedulerStats()
+        self.weight_version = "default"
+        self.paused = False
+        self.hold_admission = False
 
     @property
     def has_work(self) -> bool:
+        if self.paused:
+            return False
+        if self.hold_admission:
+            return bool(self.running) or any(r.started for r in self.waiting)
         return bool(self.waiting or self.running)
+
+    @property
+    def drained(self) -> bool:
+        """Nothing is mid-generation: new weights can go in now."""
+        return self.paused or not (self.running or any(r.started for r in self.waiting))
 
     def add(self, req: Req) -> None:
         self.waiting.append(req)
@@ -91,9 +108,38 @@ class Scheduler:
             self.abort(req.rid, message)
 
     def flush_cache(self) -> int:
-        return self.cache.flush()
+        """Drop the whole cache; always succeeds (entries in use are detached, see
+        RadixCache.reset), so no prefix computed before can be matched afterwards."""
+        return self.cache.reset()
+
+    def pause(self, mode: str) -> None:
+        """Stop running steps. abort: finish every request with an abort reason; retract:
+        give back running requests' KV and requeue them (recomputed when resumed); in_place:
+        keep them as they are, KV included."""
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"pause mode must be one of {', '.join(PAUSE_MODES)}, got {mode!r}")
+        if mode == "abort":
+            self.abort_all("generation paused (pause_generation mode=abort)")
+        elif mode == "retract":
+            for req in list(self.running):
+                self._retract(req)
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
+    def weights_changed(self, version: str | None) -> None:
+        """New weights are in. Requests already under way (only possible while paused)
+        continue on them and report the new version: the one that produced their last token."""
+        if version is not None:
+            self.weight_version = version
+        for req in [*self.running, *self.waiting]:
+            if req.started:
+                req.weight_version = self.weight_version
 
     def step(self) -> None:
+        if self.paused:
+            return
         batch = self._schedule()
         if batch.num_tokens == 0:
             return
@@ -134,7 +180,8 @@ class Scheduler:
 
     def _next_admissible(self) -> tuple[Req, torch.Tensor] | None:
         """The next waiting request by policy, with its cached prefix matched and locked."""
-        candidates = (r for r in self.waiting if not self._waits_for_leader(r))
+        candidates = (r for r in self.waiting
+                      if not self._waits_for_leader(r) and (r.started or not self.hold_admission))
         if self.config.schedule_policy == "lpm" and len(self.waiting) <= LPM_MAX_QUEUE:
             matched = [(len(self.cache.match_prefix(self._match_key(r))[0]), r)
                        for r in candidates]
@@ -157,6 +204,7 @@ class Scheduler:
         slots, node = self.cache.match_prefix(self._match_key(req))
         self.cache.inc_lock_ref(node)
         req.tree_node, req.tree_len, req.kv_len = node, len(slots), len(slots)
+        req.cache_epoch = self.cache.epoch
         return slots
 
     def _unlock_prefix(self, req: Req) -> None:
@@ -181,6 +229,8 @@ class Scheduler:
     def _admit(self, req: Req, prefix_slots: torch.Tensor) -> None:
         req.table_row = self.table.alloc_row()
         self.table.slots[req.table_row, : req.tree_len] = prefix_slots
+        if not req.started:
+            req.started, req.weight_version = True, self.weight_version
         if not req.output_ids:  # a readmitted (retracted) request reports its first hit
             req.cached_tokens = req.tree_len
             self.stats.prompt_tokens += len(req.input_ids)
@@ -199,6 +249,8 @@ class Scheduler:
             victim = min(decodes, key=lambda r: (len(r.output_ids), -len(r.input_ids)))
             decodes.remove(victim)
             self._retract(victim)
+            if not self.running:
+                logger.warning("KV pool cannot hold request %s alone", victim.rid)
             self.cache.evict(len(decodes) - self.pool.num_free)
         return decodes
 
@@ -210,8 +262,6 @@ class Scheduler:
         req.prefill_done = False
         self.waiting.appendleft(req)
         self.stats.retracted += 1
-        if not self.running:
-            logger.warning("KV pool cannot hold request %s alone", req.rid)
 
     def _take_slots(self, count: int) -> torch.Tensor:
         if self.pool.num_free < count:
@@ -310,7 +360,7 @@ class Scheduler:
 
     def _cache_prefix(self, req: Req) -> None:
         """Hand the computed prefix to the cache and re-lock it at its new end."""
-        if self.cache.disabled:
+        if self.cache.disabled or self._kv_is_stale(req):
             return
         self._insert_into_cache(req)
         slots, node = self.cache.match_prefix(req.fill_ids[: req.kv_len])
@@ -331,9 +381,14 @@ class Scheduler:
         row = self.table.slots[req.table_row]
         if self.cache.disabled:
             self.pool.free(row[: req.kv_len].clone())
+        elif self._kv_is_stale(req):  # its KV may not enter the cache: free our own part
+            self.pool.free(row[req.tree_len : req.kv_len].clone())
+            self.cache.dec_lock_ref(req.tree_node)
         else:
             self._insert_into_cache(req)
             self.cache.dec_lock_ref(req.tree_node)
         self.table.free_row(req.table_row)
         req.table_row, req.tree_node, req.tree_len, req.kv_len = None, None, 0, 0
 
+    def _kv_is_stale(self, req: Req) -> bool:
+        return req.cache_epoch != self.cache.epoch

@@ -2,6 +2,8 @@
 
 Parameter names equal the Hugging Face names, so weights load (and hot-update) by name.
 The model runs on a flattened batch of tokens; attention state lives in the KV pool.
+Every forward reads parameters (and their prepacked forms) afresh: nothing captures their
+storage, so a weight update may swap in new tensors instead of copying into the old ones.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from rollserve.models.linear import Linear, linear, pack
 from rollserve.models.rope import RotaryEmbedding, apply_rotary
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin of every token's position
+EMBED = "model.embed_tokens.weight"
 
 
 class RMSNorm(nn.Module):
@@ -112,6 +115,30 @@ class CausalLM(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.packed_output_embedding: torch.Tensor | None = None
+        self._linears = {f"{name}.weight": m for name, m in self.named_modules()
+                         if isinstance(m, Linear)}
+
+    def packable(self, name: str) -> bool:
+        """Whether parameter `name` has a prepacked form (on CPU in bf16/fp16)."""
+        return name in self._linears or (self.config.tie_word_embeddings and name == EMBED)
+
+    def adopt_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """Make `weight` (same shape and dtype; not copied) parameter `name`; returns the
+        tensor it replaces. Its prepacked form is dropped: those matmuls take the plain path,
+        with bit-identical results, until `repack_weight(name)`."""
+        param = self.get_parameter(name)
+        old, param.data = param.data, weight
+        self._set_packed(name, None)
+        return old
+
+    def repack_weight(self, name: str) -> None:
+        self._set_packed(name, pack(self.get_parameter(name)))
+
+    def _set_packed(self, name: str, packed: torch.Tensor | None) -> None:
+        if name in self._linears:
+            self._linears[name].packed = packed
+        elif self.config.tie_word_embeddings and name == EMBED:
+            self.packed_output_embedding = packed
 
     def repack_weights(self) -> None:
         """Refresh the derived prepacked weights; call after loading or changing weights."""

@@ -27,6 +27,7 @@ from rollserve.server.args import ServerArgs
 from rollserve.server.errors import RequestError, error_response
 from rollserve.server.metrics import ServerMetrics
 from rollserve.server.native import parse_generate
+from rollserve.server.weights_api import install_weight_routes
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ def build_app(engine: Engine, args: ServerArgs) -> FastAPI:
     _install_native_routes(app, state)
     _install_openai_routes(app, state)
     _install_admin_routes(app, state)
+    install_weight_routes(app, engine, args, lambda r: _json_body(r, args.max_request_bytes))
     return app
 
 
