@@ -84,6 +84,27 @@ class ServerProcess:
         return stop_process(self.process)
 
 
+def generate_in_background(url: str, body: dict):
+    """POST {url}/generate on a thread; returns (thread, result dict filled when it ends)
+    once the engine is running the request."""
+    import threading
+    import time
+
+    import requests
+
+    no_proxy = {"http": None, "https": None}
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(requests.post(
+        url + "/generate", json=body, proxies=no_proxy, timeout=120).json()))
+    worker.start()
+    deadline = time.monotonic() + 30
+    while requests.get(url + "/get_load", proxies=no_proxy,
+                       timeout=10).json()["num_running_reqs"] == 0:
+        assert time.monotonic() < deadline, "request never started running"
+        time.sleep(0.01)
+    return worker, result
+
+
 def stop_process(process, timeout: float = 30.0) -> int:
     """SIGTERM, then SIGKILL if it has not exited within `timeout`; returns the exit code."""
     import subprocess

@@ -6,11 +6,11 @@ from __future__ import annotations
 import itertools
 import json
 import signal
-import threading
 import time
 
 import pytest
 import requests
+from conftest import generate_in_background
 
 NO_PROXY = {"http": None, "https": None}
 GREEDY = {"temperature": 0.0, "max_new_tokens": 8}
@@ -131,21 +131,8 @@ def test_info_and_admin_endpoints(llama_server) -> None:
         assert name in metrics
 
 
-def _generate_in_background(server, body: dict) -> tuple[threading.Thread, dict]:
-    """POST /generate on a thread; returns once the engine is running the request."""
-    result: dict = {}
-    worker = threading.Thread(target=lambda: result.update(post(server, "/generate",
-                                                               body).json()))
-    worker.start()
-    deadline = time.monotonic() + 30
-    while get(server, "/get_load").json()["num_running_reqs"] == 0:
-        assert time.monotonic() < deadline, "request never started running"
-        time.sleep(0.01)
-    return worker, result
-
-
 def test_flush_cache_succeeds_while_requests_run(llama_server) -> None:
-    worker, result = _generate_in_background(llama_server, {
+    worker, result = generate_in_background(llama_server.url, {
         "input_ids": list(range(5, 60)),
         "sampling_params": {"max_new_tokens": 1500, "ignore_eos": True}})
     for method in (requests.get, requests.post):
@@ -157,7 +144,7 @@ def test_flush_cache_succeeds_while_requests_run(llama_server) -> None:
 
 
 def test_abort_request_by_rid_finishes_with_abort(llama_server) -> None:
-    worker, result = _generate_in_background(llama_server, {
+    worker, result = generate_in_background(llama_server.url, {
         "input_ids": [5, 6, 7], "rid": "to-abort",
         "sampling_params": {"max_new_tokens": 1500, "ignore_eos": True}})
     assert post(llama_server, "/abort_request", {"rid": "to-abort"}).status_code == 200

@@ -13,7 +13,7 @@ import time
 import pytest
 import requests
 import torch
-from conftest import ServerProcess, free_port
+from conftest import ServerProcess, free_port, generate_in_background
 from safetensors.torch import load_file, save_file
 from test_router_interop import Router
 from transformers import AutoModelForCausalLM
@@ -92,18 +92,6 @@ def assert_serves(url: str, expected: list[float]) -> dict:
     got, meta = engine_logprobs(url)
     assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < TOLERANCE
     return meta
-
-
-def generate_in_background(url: str, body: dict) -> tuple[threading.Thread, dict]:
-    """POST /generate on a thread; returns once the engine is running it."""
-    result: dict = {}
-    worker = threading.Thread(target=lambda: result.update(post(url, "/generate", body).json()))
-    worker.start()
-    deadline = time.monotonic() + 30
-    while get(url, "/get_load").json()["num_running_reqs"] == 0:
-        assert time.monotonic() < deadline, "request never started running"
-        time.sleep(0.01)
-    return worker, result
 
 
 def test_push_makes_every_engine_serve_the_trainer_weights(engines, trainer, sync) -> None:

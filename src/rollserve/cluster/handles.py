@@ -87,6 +87,17 @@ class _ActorGroup:
             ray.kill(actor)
         atexit.unregister(self._shutdown_now)
 
+    def is_healthy(self) -> Pending[bool]:
+        """Per process: it is alive and answers (engines: `GET /health` is 200)."""
+        return self._call("is_healthy", on_dead=False)
+
+    def get_pid(self) -> Pending[int | None]:
+        return self._call("get_pid", on_dead=None)
+
+    def get_node_id(self) -> Pending[str]:
+        """The Ray node id each process runs on."""
+        return self._call("get_node_id")
+
     def _call(self, method: str, *args: Any, on_dead: Any = _RAISE) -> Pending[Any]:
         return Pending([getattr(a, method).remote(*args) for a in self._actors], on_dead=on_dead)
 
@@ -101,16 +112,6 @@ class ServerGroup(_ActorGroup):
 
     def get_server_url(self) -> Pending[str]:
         return Pending(values=[engine.url for engine in self.engines])
-
-    def is_healthy(self) -> Pending[bool]:
-        """Per engine: its process is alive and `GET /health` answers 200."""
-        return self._call("is_healthy", on_dead=False)
-
-    def get_pid(self) -> Pending[int | None]:
-        return self._call("get_pid", on_dead=None)
-
-    def get_node_id(self) -> Pending[str]:
-        return self._call("get_node_id")
 
 
 class RouterGroup(_ActorGroup):
@@ -134,12 +135,3 @@ class RouterGroup(_ActorGroup):
 
     def list_workers(self) -> Pending[list[dict]]:
         return self._call("list_workers")
-
-    def is_healthy(self) -> Pending[bool]:
-        return self._call("is_healthy", on_dead=False)
-
-    def get_pid(self) -> Pending[int | None]:
-        return self._call("get_pid", on_dead=None)
-
-    def get_node_id(self) -> Pending[str]:
-        return self._call("get_node_id")
