@@ -220,3 +220,28 @@ def _engine_processes() -> set[int]:
         if "rollserve.launch_server" in cmdline and "no-such-model" in " ".join(cmdline):
             found.add(proc.info["pid"])
     return found
+
+
+def test_a_launch_that_raises_stops_the_other_actors_of_that_launch(local_ray) -> None:
+    """A launch that raises (rather than reporting an error) must not leave the engines that
+    did start running until the driver exits."""
+    import ray
+
+    from rollserve.cluster.launcher import _gather
+
+    @ray.remote(num_cpus=0)
+    class Launcher:
+        def launch(self, fail: bool) -> str:
+            if fail:
+                raise OSError("cannot create the log directory")
+            return "started"
+
+        def ping(self) -> bool:
+            return True
+
+    actors = [Launcher.remote() for _ in range(2)]
+    refs = [actor.launch.remote(index == 1) for index, actor in enumerate(actors)]
+    with pytest.raises(FleetLaunchError, match="cannot create the log directory"):
+        _gather(refs, 30, ["engine-0", "engine-1"], actors)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(actors[0].ping.remote(), timeout=30)

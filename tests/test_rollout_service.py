@@ -145,3 +145,32 @@ def _prompt_logprobs(model, sequence: list[int]) -> torch.Tensor:
     with torch.no_grad():
         logits = model(torch.tensor([sequence])).logits[0, :-1]
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(sequence[1:])[:, None])[:, 0]
+
+
+def test_shutdown_stops_the_fleet_even_when_leaving_the_weight_group_fails() -> None:
+    """An engine that died (or refused an announced tensor) makes leaving the group fail;
+    the managed processes must still be stopped, not left running until interpreter exit."""
+    from rollserve.rl import WeightSyncError
+
+    class DeadEngineSync:
+        def destroy(self) -> None:
+            raise WeightSyncError("engine http://127.0.0.1:1 unreachable")
+
+    class Fleet:
+        stopped = 0
+
+        def shutdown(self) -> None:
+            self.stopped += 1
+
+    def refused() -> None:
+        raise WeightSyncError("engine refused the announced tensor")
+
+    for pending in (None, refused):
+        service = RolloutService.__new__(RolloutService)
+        fleet = Fleet()
+        service._sync, service._pending, service._fleet = DeadEngineSync(), pending, fleet
+        with pytest.raises(WeightSyncError):
+            service.shutdown()
+        assert fleet.stopped == 1
+        service.shutdown()  # nothing left to stop or leave
+        assert fleet.stopped == 1

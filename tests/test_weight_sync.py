@@ -145,7 +145,7 @@ def test_update_while_streaming_waits_for_the_streams(engines, trainer, sync) ->
     def stream(index: int, finals: list) -> None:
         response = requests.post(url + "/generate", json={
             "input_ids": [5 + index, 6, 7], "stream": True,
-            "sampling_params": {"max_new_tokens": 600, "ignore_eos": True}},
+            "sampling_params": {"max_new_tokens": 1500, "ignore_eos": True}},
             stream=True, proxies=NO_PROXY, timeout=120)
         lines = [line.decode() for line in response.iter_lines() if line]
         assert lines[-1] == "data: [DONE]"
@@ -163,16 +163,25 @@ def test_update_while_streaming_waits_for_the_streams(engines, trainer, sync) ->
     pushing = threading.Thread(target=lambda: sync.push(trainer.named_parameters(),
                                                         weight_version="step-3"))
     pushing.start()
-    time.sleep(0.5)  # the update is waiting for the streams now; a new request queues behind
+    # Once the update is received it waits for the streams; a new request queues behind it.
+    # (A fixed sleep here let the new request start first on a loaded machine.)
+    while _internal_state(url)["weight_updates_waiting"] == 0:
+        assert time.monotonic() < deadline + 30, "the update never waited for the streams"
+        time.sleep(0.01)
+    assert _internal_state(url)["num_running_reqs"] == 3
     queued = post(url, "/generate", {"input_ids": [5, 6], "sampling_params": {
         "max_new_tokens": 2}}).json()
     pushing.join(timeout=60)
     for thread in streams:
         thread.join(timeout=60)
-    assert [f["finish_reason"] for f in finals] == [{"type": "length", "length": 600}] * 3
+    assert [f["finish_reason"] for f in finals] == [{"type": "length", "length": 1500}] * 3
     assert {f["weight_version"] for f in finals} == {old_version}  # one version each
     assert queued["meta_info"]["weight_version"] == "step-3"
     assert assert_serves(url, trainer_logprobs(trainer))["weight_version"] == "step-3"
+
+
+def _internal_state(url: str) -> dict:
+    return get(url, "/get_server_info").json()["internal_states"][0]
 
 
 def test_pause_abort_ends_requests_and_queues_new_ones(engines) -> None:
@@ -335,3 +344,34 @@ def test_weight_sync_finds_engines_through_the_router(engines, trainer, tmp_path
     for url in engines:
         assert assert_serves(url, trainer_logprobs(trainer))["weight_version"] == "router-6"
 
+
+
+def test_engine_calls_after_shutdown_raise_instead_of_hanging(model_path) -> None:
+    """Commands queued for an engine thread that has ended (a weight or pause call racing
+    the server's shutdown) must fail, not block their caller forever."""
+    from rollserve import Engine
+
+    engine = Engine(str(model_path), dtype="float32", device="cpu", max_total_tokens=512)
+    engine.shutdown()
+    errors: list = []
+
+    def call() -> None:
+        for fn in (lambda: engine.pause_generation("in_place"), engine.continue_generation,
+                   lambda: engine.get_weights_by_name("model.norm.weight")):
+            try:
+                fn()
+            except RuntimeError as exc:
+                errors.append(str(exc))
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    caller.join(timeout=20)
+    assert not caller.is_alive(), "a call on a shut-down engine never returned"
+    assert errors == ["the engine is shut down"] * 3
+
+
+def test_group_join_refuses_rank_0_which_is_the_trainers(engines) -> None:
+    answer = post(engines[0], "/init_weights_update_group", {
+        "master_address": "127.0.0.1", "master_port": free_port(), "rank_offset": 0,
+        "world_size": 2, "group_name": "rank_zero", "backend": "gloo"})
+    assert answer.status_code == 400 and "rank_offset" in answer.json()["error"]["message"]

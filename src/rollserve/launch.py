@@ -29,16 +29,19 @@ OmegaConf.register_new_resolver("rollserve.cpu_share",
 
 
 def run(cfg: DictConfig) -> None:
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if cfg.demo and not (cfg.router_server_args.launch_router
+                         and cfg.router_server_args.launch_server):
+        raise ValueError("demo=true sends its workload through the router to the engines: "
+                         "it needs launch_router and launch_server")
     cluster = Cluster(cluster_cfg=cfg.cluster)
-    placement = ComponentPlacement(cfg, cluster)
-    component = cfg.component
-    servers, router = launch_router_and_servers(
-        cfg, cluster, rollout_hardware_ranks=placement.get_hardware_ranks(component),
-        router_server_args=cfg.router_server_args,
-        rollout_node_group=placement.get_node_group(component),
-    )
+    servers = router = None
     try:
+        placement = ComponentPlacement(cfg, cluster)
+        servers, router = launch_router_and_servers(
+            cfg, cluster, rollout_hardware_ranks=placement.get_hardware_ranks(cfg.component),
+            router_server_args=cfg.router_server_args,
+            rollout_node_group=placement.get_node_group(cfg.component),
+        )
         print_status(servers, router)
         if cfg.demo:
             from rollserve.demo import run_demo

@@ -1,8 +1,8 @@
 """Child processes that never outlive their owner: start, log tail, stop the whole tree.
 
-Every child starts in its own session (so a stop reaches its whole process group) and with
-Linux's parent-death signal set, so it gets SIGTERM if its owner dies without stopping it
-(a killed Ray actor, a driver killed with SIGKILL).
+Every child starts in its own session (so a stop reaches its whole process group) and, when
+started from the main thread, with Linux's parent-death signal set, so it gets SIGTERM if
+its owner dies without stopping it (a killed Ray actor, a driver killed with SIGKILL).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,9 +47,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def _die_with_parent(cpu_cores: Sequence[int] | None) -> None:
-    with contextlib.suppress(OSError):  # not Linux: the owner's explicit stop is the guard
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def _prepare_child(cpu_cores: Sequence[int] | None, die_with_parent: bool) -> None:
+    if die_with_parent:
+        with contextlib.suppress(OSError):  # not Linux: the owner's explicit stop is the guard
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if cpu_cores:
         os.sched_setaffinity(0, cpu_cores)
 
@@ -66,11 +68,15 @@ class ManagedProcess:
     def start(self) -> int:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cores = self.cpu_cores
+        # Linux sends the parent-death signal when the *thread* that started the child ends,
+        # so it is only set from the main thread (Ray actors start theirs there); children
+        # started from other threads rely on stop() and the owner's atexit handler.
+        die_with_parent = threading.current_thread() is threading.main_thread()
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={**os.environ, **self.env}, start_new_session=True,
-                preexec_fn=lambda: _die_with_parent(cores),
+                preexec_fn=lambda: _prepare_child(cores, die_with_parent),
             )
         return self.process.pid
 

@@ -106,6 +106,7 @@ class RouterAPI:
             if info.status_code == 200 and info.json().get("is_healthy"):
                 return worker_id
             time.sleep(0.2)
+        self._http.delete(f"{self.url}/workers/{worker_id}", timeout=30)  # not half-added
         raise TimeoutError(f"router did not report worker {worker_url} healthy in {timeout}s")
 
     def unregister(self, worker_url: str) -> None:

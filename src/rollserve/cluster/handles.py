@@ -34,11 +34,12 @@ class Pending(Generic[T]):
         self._then = then
 
     def wait(self, timeout: float | None = None) -> list[T]:
-        results = self._values + [self._get(ref, timeout) for ref in self._refs]
-        if self._then is not None:
-            self._then()
-            self._then = None
-        return results
+        try:
+            return self._values + [self._get(ref, timeout) for ref in self._refs]
+        finally:  # runs also when a result is an error or the wait timed out
+            then, self._then = self._then, None
+            if then is not None:
+                then()
 
     def _get(self, ref: ray.ObjectRef, timeout: float | None) -> T:
         try:

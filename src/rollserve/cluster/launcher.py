@@ -132,10 +132,12 @@ def _start_router(node: NodeInfo, args: FleetArgs, log_dir: str) -> RouterGroup:
 def _gather(refs: list[ray.ObjectRef], timeout: float, names: list[str],
             actors: list[Any]) -> list[Started]:
     """The launch results; an actor that never got scheduled (its node is gone or full)
-    fails after the start-up timeout plus a grace period instead of hanging the driver."""
+    fails after the start-up timeout plus a grace period instead of hanging the driver. Any
+    failure (a launch that raised too) kills every actor of this launch, and with them the
+    processes the others already started."""
     try:
         return ray.get(refs, timeout=timeout + 60)
-    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as exc:
+    except ray.exceptions.RayError as exc:
         for actor in actors:
             ray.kill(actor)
         raise FleetLaunchError(f"{', '.join(names)}: no launch result ({exc})") from None

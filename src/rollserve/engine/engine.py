@@ -227,6 +227,8 @@ class Engine:
                 "retracted": s.retracted, "max_running": s.max_running,
                 "requests_finished": s.requests_finished,
                 "unpacked_weights": len(self.weights.unpacked),
+                # updates received and waiting for the requests under way to finish
+                "weight_updates_waiting": len(self._pending_installs),
             }
         return self._call(read)
 
@@ -377,7 +379,7 @@ class Engine:
             self.scheduler.hold_admission = True
 
         self._commands.put(enqueue)
-        future.result()
+        self._wait(future)
 
     def _run_on_loop(self, fn: Callable[[], object]) -> None:
         self._commands.put(fn)
@@ -393,7 +395,17 @@ class Engine:
                 future.set_exception(exc)
 
         self._commands.put(run)
-        return future.result()
+        return self._wait(future)
+
+    def _wait(self, future: concurrent.futures.Future[T]) -> T:
+        """The result of a command given to the engine thread; raises instead of waiting
+        forever when that thread has ended (shutdown) without running it."""
+        while True:
+            try:
+                return future.result(timeout=0.5)
+            except concurrent.futures.TimeoutError:
+                if not self._thread.is_alive() and not future.done():
+                    raise RuntimeError("the engine is shut down") from None
 
     def _loop(self) -> None:
         while not self._stopped.is_set():

@@ -61,6 +61,9 @@ class WeightUpdater:
             raise ValueError("backend 'nccl' needs an engine on CUDA; use 'gloo' on CPU")
         if group_name in self.groups:
             raise ValueError(f"weights update group {group_name!r} already exists")
+        if not 0 < rank_offset < world_size:
+            raise ValueError(f"rank_offset must be in 1..world_size-1 (rank 0 is the trainer "
+                             f"that broadcasts), got {rank_offset} of {world_size}")
         self.groups[group_name] = init_weights_group(
             master_address=master_address, master_port=master_port, rank=rank_offset,
             world_size=world_size, group_name=group_name, backend=backend,

@@ -198,17 +198,20 @@ class RolloutService:
         return self._sync
 
     def shutdown(self) -> None:
-        """Leave the weight group and stop the managed fleet, if any; safe to call twice."""
-        if self._sync is not None:
-            sync, self._sync = self._sync, None
-            try:
-                self.finish_weight_update()
-            finally:
-                self._pending = None
-                sync.destroy()
-        if self._fleet is not None:
-            self._fleet.shutdown()
-            self._fleet = None
+        """Leave the weight group and stop the managed fleet, if any; safe to call twice.
+        The fleet is stopped even when leaving the group fails (that error is raised after)."""
+        try:
+            if self._sync is not None:
+                sync, self._sync = self._sync, None
+                try:
+                    self.finish_weight_update()
+                finally:
+                    self._pending = None
+                    sync.destroy()
+        finally:
+            if self._fleet is not None:
+                fleet, self._fleet = self._fleet, None
+                fleet.shutdown()
 
     def __enter__(self) -> RolloutService:
         return self

@@ -375,7 +375,9 @@ def _install_admin_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/get_load")
     async def get_load() -> JSONResponse:
-        stats = engine.stats()
+        # stats() waits for the engine thread, which may be busy for a while (a long step,
+        # re-packing new weights): never on the event loop.
+        stats = await asyncio.to_thread(engine.stats)
         return JSONResponse({
             "num_reqs": stats["num_running_reqs"] + stats["num_waiting_reqs"],
             "num_running_reqs": stats["num_running_reqs"],
@@ -408,5 +410,5 @@ def _install_admin_routes(app: FastAPI, state: ServerState) -> None:
     async def metrics() -> Response:
         if state.metrics is None:
             return error_response("metrics are off; start the server with --enable-metrics", 404)
-        body, content_type = state.metrics.render()
+        body, content_type = await asyncio.to_thread(state.metrics.render)
         return Response(body, media_type=content_type)
