@@ -45,10 +45,18 @@ def driver(llama_path, tmp_path):
             process.wait()
 
 
-def test_demo_prints_the_status_table_and_a_summary(llama_path, tmp_path) -> None:
+def test_demo_from_a_user_yaml_prints_the_status_table_and_a_summary(llama_path,
+                                                                     tmp_path) -> None:
+    """A user's own YAML (here: the packaged one, edited) works like the packaged config."""
+    from importlib.resources import files
+
+    packaged = (files("rollserve") / "configs" / "launch.yaml").read_text()
+    user_dir = tmp_path / "my_configs"
+    user_dir.mkdir()
+    (user_dir / "my_fleet.yaml").write_text(packaged.replace("demo: false", "demo: true"))
     result = subprocess.run(
-        launch_command(llama_path, tmp_path, "demo=true", "demo_requests=24",
-                       "demo_max_new_tokens=4"),
+        launch_command(llama_path, tmp_path, "demo_requests=24", "demo_max_new_tokens=4",
+                       "--config-path", str(user_dir), "--config-name", "my_fleet"),
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
