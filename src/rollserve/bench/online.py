@@ -1,7 +1,8 @@
 """Online throughput: the offline benchmark's workload through HTTP with K concurrent
 streaming clients, against the in-process engine on the same workload, in one run.
 
-    python -m rollserve.bench.online --preset qwen2.5-0.5b --num-prompts 128 --concurrency 64
+    python -m rollserve.bench.online --preset qwen2.5-0.5b --num-prompts 128 --concurrency 64 \
+        --repeats 3
 
 The server runs as its own process (`python -m rollserve.launch_server`) so the HTTP layer,
 the engine and the client are measured as users deploy them. Three rows: the offline engine
@@ -115,20 +116,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--chunked-prefill-size", type=int, default=2048)
     parser.add_argument("--port", type=int, default=31000)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the three configurations this many times, interleaved, and "
+                             "report each one's median (the VM's speed drifts between runs)")
     args = parser.parse_args(argv)
     model = Path(args.model_path) if args.model_path else ensure_tiny_model(args.preset)
     workload = make_workload(args.num_prompts, _vocab(model), args.seed, (64, 512), (32, 256))
-    results = [
+    rounds = [[
         _offline(model, workload, args, 256, "offline engine"),
         _offline(model, workload, args, args.concurrency,
                  f"offline, {args.concurrency} running"),
         run_online(model, workload, args.concurrency, args, args.port),
-    ]
+    ] for _ in range(args.repeats)]
+    results = [_median(runs) for runs in zip(*rounds, strict=True)]
+    if args.repeats > 1:
+        print("seconds per round:", [[round(r.seconds, 1) for r in rnd] for rnd in rounds])
     print(f"model: {model} ({args.dtype}, {args.device}); {args.num_prompts} prompts")
     print_table(results)
     online = results[2].output_throughput
     print(f"online_vs_offline: {online / results[0].output_throughput:.2f}")
     print(f"online_vs_offline_same_concurrency: {online / results[1].output_throughput:.2f}")
+
+
+def _median(runs: tuple[RunResult, ...]) -> RunResult:
+    ordered = sorted(runs, key=lambda r: r.seconds)
+    return ordered[len(ordered) // 2]
 
 
 def _vocab(model: Path) -> int:
