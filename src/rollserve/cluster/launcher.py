@@ -19,7 +19,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rollserve.cluster.args import FleetArgs
 from rollserve.cluster.cluster import Cluster, NodeInfo
-from rollserve.cluster.handles import EngineInfo, Pending, RouterGroup, ServerGroup
+from rollserve.cluster.handles import EngineInfo, RouterGroup, ServerGroup
 from rollserve.cluster.placement import PlacementStrategy, packed_strategy
 from rollserve.cluster.workers import EngineServerActor, RouterActor, Started
 
@@ -71,9 +71,10 @@ def launch_router_and_servers(
         if args.launch_router:
             router = _start_router(cluster.get_node(router_node_rank), args, log_dir)
             if servers is not None:
-                timeout = args.startup_timeout_secs
-                Pending([router._actors[0].register.remote(e.url, timeout)
-                         for e in servers.engines]).wait()
+                registrations = [router.register_server(e.url, args.startup_timeout_secs)
+                                 for e in servers.engines]
+                for registration in registrations:
+                    registration.wait()
     except BaseException:
         for group in (router, servers):
             if group is not None:
