@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from rollserve.process import free_port
+
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -33,12 +35,6 @@ def llama_path(tiny_model_factory) -> Path:
     return tiny_model_factory("llama")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ServerProcess:

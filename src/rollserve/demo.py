@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import time
 
-import requests
-
 from rollserve.client import InferenceHTTPClient
 from rollserve.cluster.handles import ServerGroup
 
@@ -54,7 +52,5 @@ def run_demo(router_url: str, servers: ServerGroup, num_requests: int,
 
 
 def _requests_finished(server_url: str) -> int:
-    http = requests.Session()
-    http.trust_env = False  # internal traffic: never through a proxy
-    info = http.get(server_url + "/server_info", timeout=10).json()
+    info = InferenceHTTPClient(server_url, trust_env=False).get("/server_info")
     return sum(state["requests_finished"] for state in info["internal_states"])

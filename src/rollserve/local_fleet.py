@@ -13,8 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import requests
-
+from rollserve.client import InferenceHTTPClient
 from rollserve.cluster.args import FleetArgs
 from rollserve.process import ManagedProcess, free_port
 from rollserve.router import RouterAPI
@@ -29,16 +28,13 @@ class LocalFleet:
     gets an equal share of the CPU threads.
     """
 
-    def __init__(self, model_path: str, *, dp_size: int = 1, router: dict[str, Any] | None = None,
-                 log_dir: str | None = None, startup_timeout: float = 600.0,
-                 **server_kwargs: Any) -> None:
+    def __init__(self, model_path: str, *, dp_size: int = 1, log_dir: str | None = None,
+                 startup_timeout: float = 600.0, **server_kwargs: Any) -> None:
         if dp_size < 1:
             raise ValueError(f"dp_size must be >= 1, got {dp_size}")
         self.args = FleetArgs(model_path=str(model_path), server=dict(server_kwargs),
-                              router=dict(router or {"policy": "cache_aware"}))
+                              router={"policy": "cache_aware"})
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="rollserve-local-"))
-        self._http = requests.Session()
-        self._http.trust_env = False  # internal traffic: never through a proxy
         self.engines: list[ManagedProcess] = []
         self.engine_urls: list[str] = []
         self.router: ManagedProcess | None = None
@@ -60,7 +56,8 @@ class LocalFleet:
                 {"OMP_NUM_THREADS": threads}))
             self.engines[-1].start()  # all start at once; their readiness is awaited below
         for index, (engine, url) in enumerate(zip(self.engines, self.engine_urls, strict=True)):
-            error = engine.wait_ready(lambda url=url: self._healthy(url), timeout)
+            client = InferenceHTTPClient(url, trust_env=False)  # internal: no proxy
+            error = engine.wait_ready(client.health, timeout)
             if error is not None:
                 raise RuntimeError(f"engine {index} of {self.args.server['model_path']} {error}")
 
@@ -76,12 +73,6 @@ class LocalFleet:
         for engine_url in self.engine_urls:
             api.register(engine_url, timeout)
         return url
-
-    def _healthy(self, url: str) -> bool:
-        try:
-            return self._http.get(url + "/health", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
 
     def shutdown(self) -> None:
         """Stops the router and every engine; safe to call more than once."""

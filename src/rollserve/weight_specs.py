@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-EMBED_NAME = "model.embed_tokens.weight"
+from rollserve.models.llama import EMBED_NAME
+
 LM_HEAD_NAME = "lm_head.weight"
 
 

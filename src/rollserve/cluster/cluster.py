@@ -17,7 +17,7 @@ from typing import Any
 import ray
 
 NODE_RANK_LABEL = "rollserve/node-rank"
-# Rank used for a node group that nobody declared: every node of the cluster.
+# Label of the implicit node group holding every node of the cluster.
 ALL_NODES = "__all__"
 
 

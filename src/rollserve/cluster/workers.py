@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
-import requests
 
+from rollserve.client import InferenceHTTPClient
 from rollserve.cluster.args import FleetArgs
 from rollserve.process import ManagedProcess, free_port
 from rollserve.router import RouterAPI
@@ -68,8 +68,6 @@ class EngineServerWorker(_ProcessOwner):
 
     def __init__(self, name: str, log_dir: str, host: str) -> None:
         super().__init__(name, log_dir, host)
-        self._http = requests.Session()
-        self._http.trust_env = False  # internal traffic: never through a proxy
 
     def launch(self, args: FleetArgs, env: dict[str, str], cpu_core_ids: list[int] | None,
                timeout: float) -> Started:
@@ -78,6 +76,7 @@ class EngineServerWorker(_ProcessOwner):
                           if args.server_type == "sglang" and args.ranks_per_engine > 1
                           else None)
         self.url = f"http://{self.host}:{port}"
+        self._client = InferenceHTTPClient(self.url, trust_env=False)  # internal: no proxy
         cores = _node_cores(cpu_core_ids)
         if cores:
             env = {**env, "OMP_NUM_THREADS": str(len(cores))}
@@ -87,10 +86,7 @@ class EngineServerWorker(_ProcessOwner):
     def is_healthy(self) -> bool:
         if self.process is None or self.process.exit_code() is not None:
             return False
-        try:
-            return self._http.get(self.url + "/health", timeout=5).status_code == 200
-        except requests.RequestException:
-            return False
+        return self._client.health()
 
 
 class RouterWorker(_ProcessOwner):

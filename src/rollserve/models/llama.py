@@ -18,7 +18,7 @@ from rollserve.models.linear import Linear, linear, pack
 from rollserve.models.rope import RotaryEmbedding, apply_rotary
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin of every token's position
-EMBED = "model.embed_tokens.weight"
+EMBED_NAME = "model.embed_tokens.weight"
 
 
 class RMSNorm(nn.Module):
@@ -120,7 +120,7 @@ class CausalLM(nn.Module):
 
     def packable(self, name: str) -> bool:
         """Whether parameter `name` has a prepacked form (on CPU in bf16/fp16)."""
-        return name in self._linears or (self.config.tie_word_embeddings and name == EMBED)
+        return name in self._linears or (self.config.tie_word_embeddings and name == EMBED_NAME)
 
     def adopt_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """Make `weight` (same shape and dtype; not copied) parameter `name`; returns the
@@ -137,7 +137,7 @@ class CausalLM(nn.Module):
     def _set_packed(self, name: str, packed: torch.Tensor | None) -> None:
         if name in self._linears:
             self._linears[name].packed = packed
-        elif self.config.tie_word_embeddings and name == EMBED:
+        elif self.config.tie_word_embeddings and name == EMBED_NAME:
             self.packed_output_embedding = packed
 
     def repack_weights(self) -> None:
