@@ -1,4 +1,6 @@
-"""Greedy tokens and logprobs of the engine equal HF transformers on the same weights."""
+"""Greedy tokens and logprobs of the engine equal HF transformers on the same weights, on
+the CPU and (when one is present; CI has none) on a CUDA GPU, the reference run on the same
+device."""
 
 from __future__ import annotations
 
@@ -13,6 +15,13 @@ from rollserve import Engine
 from rollserve.models.config import load_model_config
 
 TINY_PRESETS = ("llama", "qwen2", "qwen3", "mistral")
+DEVICES = (
+    "cpu",
+    pytest.param("cuda", marks=[
+        pytest.mark.cuda,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    ]),
+)
 NEW_TOKENS = 64
 GREEDY = {"temperature": 0.0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True}
 
@@ -24,12 +33,14 @@ def _prompts(vocab: int) -> list[list[int]]:
     return [base[(i % 3) * 4 :][: 3 + 6 * i] for i in range(16)]
 
 
-def _hf_reference(path, prompts: list[list[int]]) -> list[tuple[list[int], list[float]]]:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+def _hf_reference(
+    path, prompts: list[list[int]], device: str
+) -> list[tuple[list[int], list[float]]]:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     refs = []
     for prompt in prompts:
         out = model.generate(
-            torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
+            torch.tensor([prompt], device=device), max_new_tokens=NEW_TOKENS, do_sample=False,
             eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
         )
         ids = out.sequences[0, len(prompt) :].tolist()
@@ -41,11 +52,16 @@ def _hf_reference(path, prompts: list[list[int]]) -> list[tuple[list[int], list[
     return refs
 
 
+@pytest.fixture(scope="module", params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module", params=TINY_PRESETS)
-def arch_case(request, tiny_model_factory):
+def arch_case(request, tiny_model_factory, device: str):
     path = tiny_model_factory(request.param)
     prompts = _prompts(load_model_config(path).vocab_size)
-    return path, prompts, _hf_reference(path, prompts)
+    return path, prompts, _hf_reference(path, prompts, device)
 
 
 def _assert_matches(outputs: list[dict], refs) -> None:
@@ -55,18 +71,18 @@ def _assert_matches(outputs: list[dict], refs) -> None:
         assert max(abs(a - b) for a, b in zip(got, logprobs, strict=True)) < 1e-3
 
 
-def test_batched_greedy_decode_matches_hf(arch_case) -> None:
+def test_batched_greedy_decode_matches_hf(arch_case, device: str) -> None:
     path, prompts, refs = arch_case
-    with Engine(str(path), dtype="float32", device="cpu", max_total_tokens=8192) as engine:
+    with Engine(str(path), dtype="float32", device=device, max_total_tokens=8192) as engine:
         outputs = engine.generate(input_ids=prompts, sampling_params=GREEDY, return_logprob=True)
         assert engine.stats()["max_running"] == len(prompts)  # one continuous batch
     _assert_matches(outputs, refs)
 
 
-def test_small_prefill_chunks_and_cache_hits_match_hf(arch_case) -> None:
+def test_small_prefill_chunks_and_cache_hits_match_hf(arch_case, device: str) -> None:
     path, prompts, refs = arch_case
     with Engine(
-        str(path), dtype="float32", device="cpu", max_total_tokens=8192, chunked_prefill_size=16
+        str(path), dtype="float32", device=device, max_total_tokens=8192, chunked_prefill_size=16
     ) as engine:
         first = engine.generate(input_ids=prompts, sampling_params=GREEDY, return_logprob=True)
         second = engine.generate(input_ids=prompts, sampling_params=GREEDY, return_logprob=True)
@@ -75,11 +91,11 @@ def test_small_prefill_chunks_and_cache_hits_match_hf(arch_case) -> None:
     assert all(o["meta_info"]["cached_tokens"] > 0 for o in second)
 
 
-def test_requests_arriving_while_others_decode_match_hf(arch_case) -> None:
+def test_requests_arriving_while_others_decode_match_hf(arch_case, device: str) -> None:
     path, prompts, refs = arch_case
     outputs: list[dict | None] = [None] * len(prompts)
     with Engine(
-        str(path), dtype="float32", device="cpu", max_total_tokens=8192, chunked_prefill_size=16
+        str(path), dtype="float32", device=device, max_total_tokens=8192, chunked_prefill_size=16
     ) as engine:
 
         def run(i: int) -> None:

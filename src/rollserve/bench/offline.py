@@ -79,17 +79,20 @@ def run_engine(engine: Engine, workload: Workload) -> RunResult:
     return RunResult("rollserve", len(outputs), workload.input_tokens, produced, seconds)
 
 
-def run_hf(model_path: Path, workload: Workload, batch_size: int, dtype: torch.dtype) -> RunResult:
+def run_hf(
+    model_path: Path, workload: Workload, batch_size: int, dtype: torch.dtype, device: str
+) -> RunResult:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
     pad = 0
     start = time.perf_counter()
     for first in range(0, len(workload.prompts), batch_size):
         prompts = workload.prompts[first : first + batch_size]
         longest = max(len(p) for p in prompts)
-        ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+        ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts],
+                            device=device)
         with torch.inference_mode():
             model.generate(
                 input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=pad,
@@ -121,17 +124,24 @@ def batch1_decode_rate(engine: Engine, vocab_size: int, new_tokens: int = 64) ->
     return (new_tokens - 1) / (stamps[-1] - stamps[0])
 
 
-def copy_bandwidth_gbps(megabytes: int = 512) -> float:
+def copy_bandwidth_gbps(device: torch.device, megabytes: int = 512) -> float:
     """Bytes read + written per second for a large tensor copy (the bandwidth ceiling)."""
-    src = torch.empty(megabytes * 2**20, dtype=torch.uint8).fill_(1)
+    src = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
     dst.copy_(src)
     best = float("inf")
     for _ in range(5):
+        _synchronize(device)
         start = time.perf_counter()
         dst.copy_(src)
+        _synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * src.numel() / best / 1e9
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def weight_bytes(engine: Engine) -> int:
@@ -183,11 +193,13 @@ def main(argv: list[str] | None = None) -> None:
     results = [run_engine(engine, workload)]
     max_running = engine.stats()["max_running"]
     decode_rate = batch1_decode_rate(engine, vocab)
-    floor = copy_bandwidth_gbps() / 2 * 1e9 / weight_bytes(engine)  # reads only: weights once
+    device = next(engine.model.parameters()).device
+    floor = copy_bandwidth_gbps(device) / 2 * 1e9 / weight_bytes(engine)  # reads only: weights once
     engine.shutdown()
     if args.compare == "hf":
-        results.append(run_hf(path, workload, args.hf_batch_size, getattr(torch, args.dtype)))
-    print(f"model: {path} ({args.dtype}, {args.device}); {args.num_prompts} prompts, "
+        results.append(run_hf(path, workload, args.hf_batch_size, getattr(torch, args.dtype),
+                              str(device)))
+    print(f"model: {path} ({args.dtype}, {device}); {args.num_prompts} prompts, "
           f"prompt len {tuple(args.prompt_len)}, output len {tuple(args.output_len)}, "
           f"seed {args.seed}")
     print_table(results)
