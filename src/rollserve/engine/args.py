@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SCHEDULE_POLICIES = ("fcfs", "lpm")
+ATTENTION_BACKENDS = ("auto", "torch")
 
 
 @dataclass(slots=True)
@@ -21,12 +22,20 @@ class EngineArgs:
     schedule_policy: str = "fcfs"
     disable_radix_cache: bool = False
     random_seed: int = 0
+    # auto: the native AVX-512 decode-attention kernel on CPU where it applies; torch: the
+    # PyTorch path everywhere (same results within rounding; for comparisons and fallback).
+    attention_backend: str = "auto"
 
     def validate(self) -> None:
         if self.schedule_policy not in SCHEDULE_POLICIES:
             raise ValueError(
                 f"schedule_policy must be one of {', '.join(SCHEDULE_POLICIES)}, "
                 f"got {self.schedule_policy!r}"
+            )
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                f"got {self.attention_backend!r}"
             )
         if self.max_running_requests < 1:
             raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")

@@ -9,6 +9,7 @@ import torch
 
 from rollserve.engine.kv_pool import KVPool, ReqToTokenTable
 from rollserve.engine.request import Req
+from rollserve.kernels.decode_attention import DecodeAttention
 from rollserve.models.attention import AttentionBatch, ExtendSpan
 from rollserve.models.llama import CausalLM
 
@@ -53,8 +54,12 @@ class StepLogits:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, pool: KVPool, table: ReqToTokenTable) -> None:
+    def __init__(
+        self, model: CausalLM, pool: KVPool, table: ReqToTokenTable,
+        decode_kernel: DecodeAttention | None = None,
+    ) -> None:
         self.model, self.pool, self.table = model, pool, table
+        self.decode_kernel = decode_kernel
         self.device = pool.device
 
     @torch.inference_mode()
@@ -94,14 +99,12 @@ class ModelRunner:
         self, batch: ScheduledBatch, positions: torch.Tensor, out_slots: torch.Tensor
     ) -> AttentionBatch:
         table = self.table.slots
-        decode_slots = decode_padding = None
+        decode_slots = kv_lens = None
         if batch.decodes:
-            kv_lens = torch.tensor([len(r.fill_ids) for r in batch.decodes], device=self.device)
+            lens = [len(r.fill_ids) for r in batch.decodes]
+            kv_lens = torch.tensor(lens, device=self.device)
             rows = torch.tensor([r.table_row for r in batch.decodes], device=self.device)
-            max_len = int(kv_lens.max())
-            decode_slots = table[rows, :max_len]
-            span = torch.arange(max_len, device=self.device)
-            decode_padding = (span[None, :] >= kv_lens[:, None])[:, None, :]
+            decode_slots = table[rows, : max(lens)]
         spans, offset = [], len(batch.decodes)
         for chunk in batch.extends:
             size = chunk.end - chunk.start
@@ -111,8 +114,8 @@ class ModelRunner:
             ))
             offset += size
         return AttentionBatch(
-            positions, out_slots, len(batch.decodes), decode_slots, decode_padding, spans,
-            self.pool.k_cache, self.pool.v_cache,
+            positions, out_slots, len(batch.decodes), decode_slots, kv_lens, spans,
+            self.pool.k_cache, self.pool.v_cache, self.decode_kernel,
         )
 
     def _logit_rows(

@@ -1,8 +1,9 @@
 """Attention over the token-level KV pool: the one attention path of the engine.
 
 A forward pass sees a flattened batch of tokens ordered as [all decode tokens, then each
-extend (prefill) sequence's tokens]. Decode tokens attend as one padded batch; each extend
-sequence attends on its own, so no query row is ever padding.
+extend (prefill) sequence's tokens]. Decode tokens attend through the native CPU kernel when
+the batch carries one (rollserve.kernels.decode_attention), else as one padded PyTorch batch;
+each extend sequence attends on its own, so no query row is ever padding.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from rollserve.kernels.decode_attention import DecodeAttention
 
 
 @dataclass(slots=True)
@@ -29,10 +32,11 @@ class AttentionBatch:
     out_slots: torch.Tensor  # [tokens] pool slot receiving each token's K/V
     num_decode: int  # rows [0, num_decode) are decode tokens
     decode_kv_slots: torch.Tensor | None  # [num_decode, max_kv_len], padded with slot 0
-    decode_padding: torch.Tensor | None  # [num_decode, 1, max_kv_len] bool, True = padding
+    decode_kv_lens: torch.Tensor | None  # [num_decode] int64
     extends: list[ExtendSpan]
     k_cache: torch.Tensor  # [layers, kv_heads, slots, head_dim]
     v_cache: torch.Tensor
+    decode_kernel: DecodeAttention | None = None  # None: the PyTorch path below
 
 
 def paged_attention(
@@ -45,7 +49,11 @@ def paged_attention(
     v_cache[:, batch.out_slots] = v.transpose(0, 1)
     out = torch.empty_like(q)
     n = batch.num_decode
-    if n:
+    if n and batch.decode_kernel is not None:
+        out[:n] = batch.decode_kernel(
+            q[:n], k_cache, v_cache, batch.decode_kv_slots, batch.decode_kv_lens, scale
+        )
+    elif n:
         out[:n] = _attend_decode(q[:n], k_cache, v_cache, batch, scale)
     for span in batch.extends:
         out[span.start : span.end] = _attend_extend(
@@ -68,7 +76,9 @@ def _attend_decode(
     v = _gather(v_cache, slots)
     grouped = q.view(n, kv_heads, heads // kv_heads, dim).transpose(0, 1)
     scores = torch.matmul(grouped * scale, k.transpose(-1, -2))  # [kv_heads, n, group, kv_len]
-    scores = scores.masked_fill(batch.decode_padding, float("-inf"))
+    span = torch.arange(slots.shape[1], device=slots.device)
+    padding = (span[None, :] >= batch.decode_kv_lens[:, None])[:, None, :]  # [n, 1, kv_len]
+    scores = scores.masked_fill(padding, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
     return torch.matmul(probs, v).transpose(0, 1).reshape(n, heads, dim)
 

@@ -7,11 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from rollserve.cache import cache_dir
 from rollserve.models.make_tiny import make_tiny_model
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ROLLSERVE_CACHE", Path.home() / ".cache" / "rollserve"))
 
 
 def ensure_tiny_model(preset: str, seed: int = 0) -> Path:

@@ -1,0 +1,159 @@
+/* Decode attention on CPU (AVX-512): one query token per sequence against that sequence's
+ * K/V rows, read in place from the KV pool through the slot table.
+ *
+ * The PyTorch path gathers every sequence's K/V rows into a padded copy and runs two batched
+ * matmuls over it, which moves the cached K/V through memory three or four times. This kernel
+ * reads each K and V row once, keeps scores in a per-thread scratch buffer and accumulates
+ * the output in float32 registers.
+ *
+ * Compiled at run time for one model: HEAD_DIM (a multiple of 16), GROUP (query heads per KV
+ * head) and ELEM (uint16_t for bfloat16 storage, float for float32) are compile-time
+ * constants, so the loops over heads and 16-lane chunks unroll and the accumulators stay in
+ * registers.
+ *
+ * Layouts (element strides, all row-major and contiguous):
+ *   q, out     [n, kv_heads * GROUP, HEAD_DIM]
+ *   k, v       [kv_heads, pool_slots, HEAD_DIM]   (one layer of the pool)
+ *   kv_slots   [n, max_len]                       (int64 pool slots, position order)
+ *   kv_lens    [n]                                (int64, 1 <= kv_lens[i] <= max_len)
+ * Work items are (sequence, kv head) pairs; each writes GROUP rows of `out` that no other item
+ * touches, so items run in parallel without synchronisation.
+ */
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define CHUNKS (HEAD_DIM / 16)
+/* Query heads whose output accumulators (CHUNKS registers each) are live at once. */
+#define HEAD_BLOCK (GROUP * CHUNKS <= 28 ? GROUP : (28 / CHUNKS > 0 ? 28 / CHUNKS : 1))
+
+static inline __m512 load16(const ELEM *p) {
+#if ELEM_IS_BF16
+    __m256i half = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+#else
+    return _mm512_loadu_ps(p);
+#endif
+}
+
+static inline ELEM from_float(float x) {
+#if ELEM_IS_BF16
+    union { float f; uint32_t u; } bits = {x};
+    if ((bits.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits.u >> 16) | 0x40u); /* NaN */
+    bits.u += 0x7fffu + ((bits.u >> 16) & 1u); /* round to nearest even */
+    return (uint16_t)(bits.u >> 16);
+#else
+    return x;
+#endif
+}
+
+/* exp(x) for x <= 0 (Cephes' single-precision polynomial, relative error ~1e-7). */
+static inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* scores[h * len + t] = scale * q_h . k_t for the GROUP heads of one item. */
+static void item_scores(const ELEM *q, const ELEM *k, const int64_t *slots, int64_t len,
+                        float scale, float *scores) {
+    __m512 qf[GROUP][CHUNKS];
+    for (int h = 0; h < GROUP; h++)
+        for (int c = 0; c < CHUNKS; c++)
+            qf[h][c] = _mm512_mul_ps(load16(q + h * HEAD_DIM + c * 16), _mm512_set1_ps(scale));
+    for (int64_t t = 0; t < len; t++) {
+        const ELEM *row = k + slots[t] * HEAD_DIM;
+        __m512 kf[CHUNKS];
+        for (int c = 0; c < CHUNKS; c++) kf[c] = load16(row + c * 16);
+        for (int h = 0; h < GROUP; h++) {
+            __m512 acc = _mm512_mul_ps(qf[h][0], kf[0]);
+            for (int c = 1; c < CHUNKS; c++) acc = _mm512_fmadd_ps(qf[h][c], kf[c], acc);
+            scores[h * len + t] = _mm512_reduce_add_ps(acc);
+        }
+    }
+}
+
+/* In place: scores[h] <- exp(scores[h] - max(scores[h])); inv_sum[h] <- 1 / sum. */
+static void item_softmax(float *scores, int64_t len, float *inv_sum) {
+    for (int h = 0; h < GROUP; h++) {
+        float *s = scores + h * len;
+        __m512 vmax = _mm512_set1_ps(-__builtin_inff());
+        for (int64_t t = 0; t < len; t += 16) {
+            __mmask16 m = len - t >= 16 ? 0xffff : (__mmask16)((1u << (len - t)) - 1);
+            vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(vmax, m, s + t));
+        }
+        __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+        __m512 vsum = _mm512_setzero_ps();
+        for (int64_t t = 0; t < len; t += 16) {
+            __mmask16 m = len - t >= 16 ? 0xffff : (__mmask16)((1u << (len - t)) - 1);
+            __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t), top));
+            e = _mm512_maskz_mov_ps(m, e);
+            _mm512_mask_storeu_ps(s + t, m, e);
+            vsum = _mm512_add_ps(vsum, e);
+        }
+        inv_sum[h] = 1.0f / _mm512_reduce_add_ps(vsum);
+    }
+}
+
+/* out_h = sum_t p[h][t] * v_t / sum_h, for heads [first, first + HEAD_BLOCK) of the item. */
+static void item_values(const ELEM *v, const int64_t *slots, int64_t len, const float *probs,
+                        const float *inv_sum, int first, ELEM *out) {
+    __m512 acc[HEAD_BLOCK][CHUNKS];
+    for (int h = 0; h < HEAD_BLOCK; h++)
+        for (int c = 0; c < CHUNKS; c++) acc[h][c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < len; t++) {
+        const ELEM *row = v + slots[t] * HEAD_DIM;
+        for (int c = 0; c < CHUNKS; c++) {
+            __m512 vf = load16(row + c * 16);
+            for (int h = 0; h < HEAD_BLOCK; h++)
+                if (first + h < GROUP)
+                    acc[h][c] = _mm512_fmadd_ps(
+                        _mm512_set1_ps(probs[(first + h) * len + t]), vf, acc[h][c]);
+        }
+    }
+    for (int h = 0; h < HEAD_BLOCK && first + h < GROUP; h++) {
+        float row[HEAD_DIM];
+        for (int c = 0; c < CHUNKS; c++)
+            _mm512_storeu_ps(row + c * 16,
+                             _mm512_mul_ps(acc[h][c], _mm512_set1_ps(inv_sum[first + h])));
+        for (int d = 0; d < HEAD_DIM; d++) out[(first + h) * HEAD_DIM + d] = from_float(row[d]);
+    }
+}
+
+/* Returns 0, or -1 when scratch memory cannot be had (nothing is written then). */
+int decode_attention(const ELEM *q, const ELEM *k, const ELEM *v, int64_t pool_slots,
+                     const int64_t *kv_slots, int64_t max_len, const int64_t *kv_lens,
+                     ELEM *out, int64_t n, int64_t kv_heads, float scale, int threads) {
+    const int64_t items = n * kv_heads;
+    const int64_t stride = (GROUP * max_len + 15) / 16 * 16; /* floats per thread, 64 B aligned */
+    float *scratch = aligned_alloc(64, (size_t)(threads * stride) * sizeof(float));
+    if (scratch == NULL) return -1;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; item++) {
+        float *scores = scratch + omp_get_thread_num() * stride;
+        const int64_t seq = item / kv_heads, head = item % kv_heads;
+        const int64_t len = kv_lens[seq];
+        const int64_t *slots = kv_slots + seq * max_len;
+        const int64_t qrow = (seq * kv_heads + head) * GROUP * HEAD_DIM;
+        const ELEM *kh = k + head * pool_slots * HEAD_DIM;
+        const ELEM *vh = v + head * pool_slots * HEAD_DIM;
+        float inv_sum[GROUP];
+        item_scores(q + qrow, kh, slots, len, scale, scores);
+        item_softmax(scores, len, inv_sum);
+        for (int first = 0; first < GROUP; first += HEAD_BLOCK)
+            item_values(vh, slots, len, scores, inv_sum, first, out + qrow);
+    }
+    free(scratch);
+    return 0;
+}

@@ -1,0 +1,74 @@
+"""Decode attention through the AVX-512 kernel in decode_attention.c (CPU, bf16 or float32).
+
+`make_decode_attention` returns None wherever the kernel does not apply (another device or
+dtype, a head size that is no multiple of 16, a CPU without AVX-512, no C compiler): the
+engine then keeps its PyTorch path, which computes the same attention.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+import torch
+
+from rollserve.kernels.build import KernelBuildError, load_kernel
+
+logger = logging.getLogger(__name__)
+
+_ELEMENTS = {torch.bfloat16: ("uint16_t", 1), torch.float32: ("float", 0)}
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+
+
+class DecodeAttention:
+    """Callable: (q [n, heads, dim], k, v [kv_heads, pool_slots, dim] of one layer,
+    kv_slots [n, max_len] int64, kv_lens [n] int64, scale) -> [n, heads, dim]."""
+
+    def __init__(self, head_dim: int, group: int, dtype: torch.dtype) -> None:
+        element, is_bf16 = _ELEMENTS[dtype]
+        library = load_kernel("decode_attention", {
+            "HEAD_DIM": head_dim, "GROUP": group, "ELEM": element, "ELEM_IS_BF16": is_bf16,
+        })
+        self._run = library.decode_attention
+        self._run.argtypes = [_P, _P, _P, _I64, _P, _I64, _P, _P, _I64, _I64, ctypes.c_float,
+                              ctypes.c_int]
+        self._run.restype = ctypes.c_int
+        self.head_dim, self.group, self.dtype = head_dim, group, dtype
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_slots: torch.Tensor,
+        kv_lens: torch.Tensor, scale: float,
+    ) -> torch.Tensor:
+        # The kernel reads raw memory: shapes, dtypes and layouts are checked here, once.
+        n, heads, dim = q.shape
+        kv_heads, pool_slots, _ = k.shape
+        assert dim == self.head_dim and heads == kv_heads * self.group
+        assert q.dtype == k.dtype == v.dtype == self.dtype and k.shape == v.shape
+        assert kv_slots.dtype == kv_lens.dtype == torch.int64 and kv_slots.shape[0] == n
+        assert k.is_contiguous() and v.is_contiguous()
+        q, kv_slots, kv_lens = q.contiguous(), kv_slots.contiguous(), kv_lens.contiguous()
+        out = torch.empty_like(q)
+        status = self._run(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), pool_slots, kv_slots.data_ptr(),
+            kv_slots.shape[1], kv_lens.data_ptr(), out.data_ptr(), n, kv_heads, scale,
+            torch.get_num_threads(),
+        )
+        if status != 0:
+            raise MemoryError("decode attention could not allocate its scratch buffer")
+        return out
+
+
+def make_decode_attention(
+    device: torch.device, dtype: torch.dtype, head_dim: int, group: int
+) -> DecodeAttention | None:
+    """The kernel where it applies here, else None (the caller keeps the PyTorch path)."""
+    if device.type != "cpu" or dtype not in _ELEMENTS:
+        return None
+    if head_dim % 16 or torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return None
+    try:
+        return DecodeAttention(head_dim, group, dtype)
+    except KernelBuildError as exc:
+        logger.warning("decode-attention kernel unavailable, using the PyTorch path: %s", exc)
+        return None
