@@ -65,7 +65,61 @@ static inline __m512 exp_nonpositive(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* 16x16 float transpose in registers: afterwards r[d] holds column d (lane j = old row j). */
+static inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+        r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 4; j++) {
+            t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0x88);
+            t[8 * i + j + 4] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0xdd);
+        }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+        r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
+    }
+}
+
 /* scores[h * len + t] = scale * q_h . k_t for the GROUP heads of one item. */
+#if GROUP >= 4
+/* Many heads share each K row: transpose blocks of 16 rows so that 16 tokens' scores build up
+ * in one register per head with plain FMAs (no horizontal sum per score). */
+static void item_scores(const ELEM *q, const ELEM *k, const int64_t *slots, int64_t len,
+                        float scale, float *scores) {
+    float qf[GROUP][HEAD_DIM] __attribute__((aligned(64)));
+    for (int h = 0; h < GROUP; h++)
+        for (int c = 0; c < CHUNKS; c++)
+            _mm512_store_ps(&qf[h][c * 16], _mm512_mul_ps(load16(q + h * HEAD_DIM + c * 16),
+                                                          _mm512_set1_ps(scale)));
+    for (int64_t first = 0; first < len; first += 16) {
+        const int count = len - first < 16 ? (int)(len - first) : 16;
+        const ELEM *rows[16];
+        for (int j = 0; j < 16; j++) /* lanes past the end reread row 0; never stored */
+            rows[j] = k + slots[first + (j < count ? j : 0)] * HEAD_DIM;
+        __m512 acc[GROUP];
+        for (int h = 0; h < GROUP; h++) acc[h] = _mm512_setzero_ps();
+        for (int c = 0; c < CHUNKS; c++) {
+            __m512 block[16];
+            for (int j = 0; j < 16; j++) block[j] = load16(rows[j] + c * 16);
+            transpose16(block);
+            for (int h = 0; h < GROUP; h++)
+                for (int d = 0; d < 16; d++)
+                    acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(qf[h][c * 16 + d]), block[d], acc[h]);
+        }
+        const __mmask16 mask = count == 16 ? 0xffff : (__mmask16)((1u << count) - 1);
+        for (int h = 0; h < GROUP; h++) _mm512_mask_storeu_ps(scores + h * len + first, mask, acc[h]);
+    }
+}
+#else
 static void item_scores(const ELEM *q, const ELEM *k, const int64_t *slots, int64_t len,
                         float scale, float *scores) {
     __m512 qf[GROUP][CHUNKS];
@@ -83,6 +137,7 @@ static void item_scores(const ELEM *q, const ELEM *k, const int64_t *slots, int6
         }
     }
 }
+#endif
 
 /* In place: scores[h] <- exp(scores[h] - max(scores[h])); inv_sum[h] <- 1 / sum. */
 static void item_softmax(float *scores, int64_t len, float *inv_sum) {
