@@ -172,7 +172,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-total-tokens", type=int, default=None)
     parser.add_argument("--max-running-requests", type=int, default=256)
     parser.add_argument("--chunked-prefill-size", type=int, default=4096)
-    parser.add_argument("--attention-backend", choices=["auto", "torch"], default="auto")
+    parser.add_argument("--disable-native-kernels", action="store_true")
     parser.add_argument("--compare", choices=["hf", "none"], default="none")
     parser.add_argument("--hf-batch-size", type=int, default=32)
     return parser.parse_args(argv)
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         max_total_tokens=args.max_total_tokens or args.num_prompts * 800,
         max_running_requests=args.max_running_requests,
         chunked_prefill_size=args.chunked_prefill_size, disable_radix_cache=True,
-        attention_backend=args.attention_backend,
+        disable_native_kernels=args.disable_native_kernels,
     )
     vocab = engine.model_config.vocab_size
     workload = make_workload(args.num_prompts, vocab, args.seed, tuple(args.prompt_len),

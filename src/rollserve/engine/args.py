@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SCHEDULE_POLICIES = ("fcfs", "lpm")
-ATTENTION_BACKENDS = ("auto", "torch")
 
 
 @dataclass(slots=True)
@@ -22,20 +21,15 @@ class EngineArgs:
     schedule_policy: str = "fcfs"
     disable_radix_cache: bool = False
     random_seed: int = 0
-    # auto: the native AVX-512 decode-attention kernel on CPU where it applies; torch: the
-    # PyTorch path everywhere (same results within rounding; for comparisons and fallback).
-    attention_backend: str = "auto"
+    # Native AVX-512 CPU kernels (decode attention; fused norms, SwiGLU, rotary) are used
+    # where they apply; True keeps eager PyTorch ops everywhere (same results within rounding).
+    disable_native_kernels: bool = False
 
     def validate(self) -> None:
         if self.schedule_policy not in SCHEDULE_POLICIES:
             raise ValueError(
                 f"schedule_policy must be one of {', '.join(SCHEDULE_POLICIES)}, "
                 f"got {self.schedule_policy!r}"
-            )
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(
-                f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
-                f"got {self.attention_backend!r}"
             )
         if self.max_running_requests < 1:
             raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")

@@ -30,6 +30,7 @@ from rollserve.engine.scheduler import Scheduler, SchedulerConfig
 from rollserve.engine.validation import GenerateInput, RequestLimits, normalise_request
 from rollserve.engine.weight_update import DEFAULT_GROUP, NamedTensors, WeightUpdater
 from rollserve.kernels.decode_attention import make_decode_attention
+from rollserve.kernels.elementwise import make_fused_elementwise
 from rollserve.models.config import load_model_config
 from rollserve.models.loader import load_model, resolve_device, resolve_dtype
 from rollserve.weight_specs import parse_specs
@@ -80,9 +81,13 @@ class Engine:
         self.limits = RequestLimits(config.vocab_size, self.context_len, pool_size)
         self.eos_ids = _eos_ids(Path(args.model_path), config.eos_token_id, self.tokenizer)
         generator = torch.Generator(device=self.device).manual_seed(args.random_seed)
-        decode_attention = None if args.attention_backend == "torch" else make_decode_attention(
-            self.device, self.dtype, config.head_dim, config.num_heads // config.num_kv_heads
-        )
+        decode_attention, fused = None, None
+        if not args.disable_native_kernels:
+            decode_attention = make_decode_attention(
+                self.device, self.dtype, config.head_dim, config.num_heads // config.num_kv_heads
+            )
+            fused = make_fused_elementwise(self.device, self.dtype)
+        self.model.use_fused_elementwise(fused)
         runner = ModelRunner(self.model, self.pool, table, decode_attention)
         self.weights = WeightUpdater(self.model, self.device)
         self.scheduler = Scheduler(
@@ -91,9 +96,9 @@ class Engine:
             runner, self.pool, table, self.cache, self.eos_ids, generator,
         )
         logger.info(
-            "loaded %s (%s) dtype=%s device=%s; KV pool: %d tokens; decode attention: %s",
+            "loaded %s (%s) dtype=%s device=%s; KV pool: %d tokens; native CPU kernels: %s",
             args.model_path, config.architecture, str(self.dtype).removeprefix("torch."),
-            self.device, pool_size, "native kernel" if decode_attention else "PyTorch",
+            self.device, pool_size, "on" if decode_attention or fused else "off",
         )
 
     # ---- public API ---------------------------------------------------------------------

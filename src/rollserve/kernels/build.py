@@ -1,10 +1,10 @@
 """Compile a C kernel of this folder into a shared library, once per machine and
 specialisation, and load it with ctypes.
 
-The library lands in the rollserve cache under a name that hashes the source, the macros,
-the flags and the compiler, so an edit or another model shape builds a new one. It is
-compiled into a temporary file and renamed into place: concurrent processes (test workers,
-engines of one fleet) never load half a library.
+The library lands in the rollserve cache under a name that hashes the source (and the
+shared headers), the macros, the flags and the compiler, so an edit or another model shape
+builds a new one. It is compiled into a temporary file and renamed into place: concurrent
+processes (test workers, engines of one fleet) never load half a library.
 """
 
 from __future__ import annotations
@@ -17,14 +17,34 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
+
 from rollserve.cache import cache_dir
 
 KERNEL_DIR = Path(__file__).parent
-FLAGS = ("-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC")
+# -ffp-contract=off: no fused multiply-adds where the C says multiply, round, add (the
+# kernels reproduce the roundings of eager PyTorch ops).
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-ffp-contract=off", "-fopenmp",
+         "-shared", "-fPIC", f"-I{KERNEL_DIR}")
+
+
+# How each supported storage dtype is spelled for the kernels' ELEM macros.
+ELEMENT_MACROS: dict[torch.dtype, dict[str, str | int]] = {
+    torch.bfloat16: {"ELEM": "uint16_t", "ELEM_IS_BF16": 1},
+    torch.float32: {"ELEM": "float", "ELEM_IS_BF16": 0},
+}
 
 
 class KernelBuildError(RuntimeError):
     pass
+
+
+def kernels_apply(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the native kernels can serve tensors of this device and dtype here."""
+    return (
+        device.type == "cpu" and dtype in ELEMENT_MACROS
+        and torch.backends.cpu.get_cpu_capability() == "AVX512"
+    )
 
 
 def load_kernel(name: str, macros: dict[str, str | int]) -> ctypes.CDLL:
@@ -33,9 +53,12 @@ def load_kernel(name: str, macros: dict[str, str | int]) -> ctypes.CDLL:
     compiler = os.environ.get("CC", "gcc")
     if shutil.which(compiler) is None:
         raise KernelBuildError(f"no C compiler ({compiler!r}) on PATH")
-    source = (KERNEL_DIR / f"{name}.c").read_text()
+    sources = [(KERNEL_DIR / f"{name}.c").read_text()]
+    sources += [header.read_text() for header in sorted(KERNEL_DIR.glob("*.h"))]
     defines = tuple(f"-D{key}={value}" for key, value in sorted(macros.items()))
-    digest = hashlib.sha256("\0".join((source, compiler, *FLAGS, *defines)).encode()).hexdigest()
+    digest = hashlib.sha256(
+        "\0".join((*sources, compiler, *FLAGS, *defines)).encode()
+    ).hexdigest()
     target = cache_dir() / "kernels" / f"{name}-{digest[:16]}.so"
     if not target.is_file():
         _compile(compiler, KERNEL_DIR / f"{name}.c", defines, target)

@@ -19,51 +19,14 @@
  * Work items are (sequence, kv head) pairs; each writes GROUP rows of `out` that no other item
  * touches, so items run in parallel without synchronisation.
  */
-#include <immintrin.h>
 #include <omp.h>
-#include <stdint.h>
 #include <stdlib.h>
+
+#include "simd.h"
 
 #define CHUNKS (HEAD_DIM / 16)
 /* Query heads whose output accumulators (CHUNKS registers each) are live at once. */
 #define HEAD_BLOCK (GROUP * CHUNKS <= 28 ? GROUP : (28 / CHUNKS > 0 ? 28 / CHUNKS : 1))
-
-static inline __m512 load16(const ELEM *p) {
-#if ELEM_IS_BF16
-    __m256i half = _mm256_loadu_si256((const __m256i *)p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-#else
-    return _mm512_loadu_ps(p);
-#endif
-}
-
-static inline ELEM from_float(float x) {
-#if ELEM_IS_BF16
-    union { float f; uint32_t u; } bits = {x};
-    if ((bits.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits.u >> 16) | 0x40u); /* NaN */
-    bits.u += 0x7fffu + ((bits.u >> 16) & 1u); /* round to nearest even */
-    return (uint16_t)(bits.u >> 16);
-#else
-    return x;
-#endif
-}
-
-/* exp(x) for x <= 0 (Cephes' single-precision polynomial, relative error ~1e-7). */
-static inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
 
 /* 16x16 float transpose in registers: afterwards r[d] holds column d (lane j = old row j). */
 static inline void transpose16(__m512 r[16]) {
@@ -98,7 +61,7 @@ static void item_scores(const ELEM *q, const ELEM *k, const int64_t *slots, int6
     float qf[GROUP][HEAD_DIM] __attribute__((aligned(64)));
     for (int h = 0; h < GROUP; h++)
         for (int c = 0; c < CHUNKS; c++)
-            _mm512_store_ps(&qf[h][c * 16], _mm512_mul_ps(load16(q + h * HEAD_DIM + c * 16),
+            _mm512_store_ps(&qf[h][c * 16], _mm512_mul_ps(load16(q + h * HEAD_DIM + c * 16, 0xffff),
                                                           _mm512_set1_ps(scale)));
     for (int64_t first = 0; first < len; first += 16) {
         const int count = len - first < 16 ? (int)(len - first) : 16;
@@ -109,7 +72,7 @@ static void item_scores(const ELEM *q, const ELEM *k, const int64_t *slots, int6
         for (int h = 0; h < GROUP; h++) acc[h] = _mm512_setzero_ps();
         for (int c = 0; c < CHUNKS; c++) {
             __m512 block[16];
-            for (int j = 0; j < 16; j++) block[j] = load16(rows[j] + c * 16);
+            for (int j = 0; j < 16; j++) block[j] = load16(rows[j] + c * 16, 0xffff);
             transpose16(block);
             for (int h = 0; h < GROUP; h++)
                 for (int d = 0; d < 16; d++)
@@ -125,11 +88,11 @@ static void item_scores(const ELEM *q, const ELEM *k, const int64_t *slots, int6
     __m512 qf[GROUP][CHUNKS];
     for (int h = 0; h < GROUP; h++)
         for (int c = 0; c < CHUNKS; c++)
-            qf[h][c] = _mm512_mul_ps(load16(q + h * HEAD_DIM + c * 16), _mm512_set1_ps(scale));
+            qf[h][c] = _mm512_mul_ps(load16(q + h * HEAD_DIM + c * 16, 0xffff), _mm512_set1_ps(scale));
     for (int64_t t = 0; t < len; t++) {
         const ELEM *row = k + slots[t] * HEAD_DIM;
         __m512 kf[CHUNKS];
-        for (int c = 0; c < CHUNKS; c++) kf[c] = load16(row + c * 16);
+        for (int c = 0; c < CHUNKS; c++) kf[c] = load16(row + c * 16, 0xffff);
         for (int h = 0; h < GROUP; h++) {
             __m512 acc = _mm512_mul_ps(qf[h][0], kf[0]);
             for (int c = 1; c < CHUNKS; c++) acc = _mm512_fmadd_ps(qf[h][c], kf[c], acc);
@@ -152,7 +115,7 @@ static void item_softmax(float *scores, int64_t len, float *inv_sum) {
         __m512 vsum = _mm512_setzero_ps();
         for (int64_t t = 0; t < len; t += 16) {
             __mmask16 m = len - t >= 16 ? 0xffff : (__mmask16)((1u << (len - t)) - 1);
-            __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t), top));
+            __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t), top));
             e = _mm512_maskz_mov_ps(m, e);
             _mm512_mask_storeu_ps(s + t, m, e);
             vsum = _mm512_add_ps(vsum, e);
@@ -170,20 +133,17 @@ static void item_values(const ELEM *v, const int64_t *slots, int64_t len, const 
     for (int64_t t = 0; t < len; t++) {
         const ELEM *row = v + slots[t] * HEAD_DIM;
         for (int c = 0; c < CHUNKS; c++) {
-            __m512 vf = load16(row + c * 16);
+            __m512 vf = load16(row + c * 16, 0xffff);
             for (int h = 0; h < HEAD_BLOCK; h++)
                 if (first + h < GROUP)
                     acc[h][c] = _mm512_fmadd_ps(
                         _mm512_set1_ps(probs[(first + h) * len + t]), vf, acc[h][c]);
         }
     }
-    for (int h = 0; h < HEAD_BLOCK && first + h < GROUP; h++) {
-        float row[HEAD_DIM];
+    for (int h = 0; h < HEAD_BLOCK && first + h < GROUP; h++)
         for (int c = 0; c < CHUNKS; c++)
-            _mm512_storeu_ps(row + c * 16,
-                             _mm512_mul_ps(acc[h][c], _mm512_set1_ps(inv_sum[first + h])));
-        for (int d = 0; d < HEAD_DIM; d++) out[(first + h) * HEAD_DIM + d] = from_float(row[d]);
-    }
+            store16(out + (first + h) * HEAD_DIM + c * 16,
+                    _mm512_mul_ps(acc[h][c], _mm512_set1_ps(inv_sum[first + h])), 0xffff);
 }
 
 /* Returns 0, or -1 when scratch memory cannot be had (nothing is written then). */

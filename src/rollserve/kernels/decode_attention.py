@@ -12,11 +12,10 @@ import logging
 
 import torch
 
-from rollserve.kernels.build import KernelBuildError, load_kernel
+from rollserve.kernels.build import ELEMENT_MACROS, KernelBuildError, kernels_apply, load_kernel
 
 logger = logging.getLogger(__name__)
 
-_ELEMENTS = {torch.bfloat16: ("uint16_t", 1), torch.float32: ("float", 0)}
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 
@@ -26,9 +25,8 @@ class DecodeAttention:
     kv_slots [n, max_len] int64, kv_lens [n] int64, scale) -> [n, heads, dim]."""
 
     def __init__(self, head_dim: int, group: int, dtype: torch.dtype) -> None:
-        element, is_bf16 = _ELEMENTS[dtype]
         library = load_kernel("decode_attention", {
-            "HEAD_DIM": head_dim, "GROUP": group, "ELEM": element, "ELEM_IS_BF16": is_bf16,
+            "HEAD_DIM": head_dim, "GROUP": group, **ELEMENT_MACROS[dtype],
         })
         self._run = library.decode_attention
         self._run.argtypes = [_P, _P, _P, _I64, _P, _I64, _P, _P, _I64, _I64, ctypes.c_float,
@@ -63,9 +61,7 @@ def make_decode_attention(
     device: torch.device, dtype: torch.dtype, head_dim: int, group: int
 ) -> DecodeAttention | None:
     """The kernel where it applies here, else None (the caller keeps the PyTorch path)."""
-    if device.type != "cpu" or dtype not in _ELEMENTS:
-        return None
-    if head_dim % 16 or torch.backends.cpu.get_cpu_capability() != "AVX512":
+    if not kernels_apply(device, dtype) or head_dim % 16:
         return None
     try:
         return DecodeAttention(head_dim, group, dtype)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rollserve.kernels.elementwise import FusedElementwise
 from rollserve.models.attention import AttentionBatch, paged_attention
 from rollserve.models.config import ModelConfig
 from rollserve.models.linear import Linear, linear, pack
@@ -26,8 +27,15 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.fused: FusedElementwise | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """norm(x); with `residual`, first residual += x (in place) and return norm(residual),
+        the add-then-norm between sublayers."""
+        if self.fused is not None:
+            return self.fused.rms_norm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            x = residual.add_(x)
         # Normalise in float32, then scale in the model dtype (as the reference does). In-place
         # on fresh temporaries: on CPU every new activation-sized tensor costs page faults.
         dtype = x.dtype
@@ -52,6 +60,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
         self.qk_norm = config.qk_norm
+        self.fused: FusedElementwise | None = None
 
     def forward(self, x: torch.Tensor, rope: Rope, batch: AttentionBatch) -> torch.Tensor:
         tokens = x.shape[0]
@@ -60,7 +69,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if self.fused is not None:
+            q, k = self.fused.rotary(q, *rope), self.fused.rotary(k, *rope)
+        else:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         out = paged_attention(self.layer, q, k, v, batch, self.scale)
         return self.o_proj(out.reshape(tokens, -1))
 
@@ -71,8 +83,11 @@ class MLP(nn.Module):
         self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.fused: FusedElementwise | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None:
+            return self.down_proj(self.fused.silu_mul(self.gate_proj(x), self.up_proj(x)))
         gate = F.silu(self.gate_proj(x), inplace=True)
         return self.down_proj(gate.mul_(self.up_proj(x)))
 
@@ -85,9 +100,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: Rope, batch: AttentionBatch) -> torch.Tensor:
-        x = self.self_attn(self.input_layernorm(x), rope, batch).add_(x)
-        return self.mlp(self.post_attention_layernorm(x)).add_(x)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, rope: Rope, batch: AttentionBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous sublayer's output; residual: the stream it adds to (None before
+        the first layer, where x is the embedding). Returns this layer's (output, residual)."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x = self.input_layernorm(x, residual)
+        x = self.post_attention_layernorm(self.self_attn(x, rope, batch), residual)
+        return self.mlp(x), residual
 
 
 class DecoderBody(nn.Module):
@@ -102,9 +125,10 @@ class DecoderBody(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(batch.positions)
         rope = (cos.to(x.dtype), sin.to(x.dtype))
+        residual = None
         for layer in self.layers:
-            x = layer(x, rope, batch)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, batch)
+        return self.norm(x, residual)
 
 
 class CausalLM(nn.Module):
@@ -117,6 +141,12 @@ class CausalLM(nn.Module):
         self.packed_output_embedding: torch.Tensor | None = None
         self._linears = {f"{name}.weight": m for name, m in self.named_modules()
                          if isinstance(m, Linear)}
+
+    def use_fused_elementwise(self, fused: FusedElementwise | None) -> None:
+        """Run norms, SwiGLU and rotary through `fused` (None: eager PyTorch ops)."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention, MLP)):
+                module.fused = fused
 
     def packable(self, name: str) -> bool:
         """Whether parameter `name` has a prepacked form (on CPU in bf16/fp16)."""

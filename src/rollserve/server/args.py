@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from rollserve.engine.args import ATTENTION_BACKENDS, SCHEDULE_POLICIES, EngineArgs
+from rollserve.engine.args import SCHEDULE_POLICIES, EngineArgs
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -33,7 +33,7 @@ class ServerArgs:
     schedule_policy: str = "fcfs"
     disable_radix_cache: bool = False
     random_seed: int = 0
-    attention_backend: str = "auto"
+    disable_native_kernels: bool = False
     served_model_name: str | None = None
     chat_template: str | None = None  # a Jinja template string or a path to one
     api_key: str | None = None
@@ -51,10 +51,6 @@ class ServerArgs:
             )
         if self.schedule_policy not in SCHEDULE_POLICIES:
             raise ValueError(f"schedule_policy must be one of {', '.join(SCHEDULE_POLICIES)}")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(
-                f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}"
-            )
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         self.preferred_sampling_defaults()  # validates the JSON early

@@ -1,0 +1,83 @@
+"""Fused RMSNorm (with the residual add before it), SwiGLU and rotary embedding on CPU, one
+pass over memory each, through elementwise.c (bf16 or float32; same roundings as the eager
+PyTorch ops they replace)."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+import torch
+
+from rollserve.kernels.build import ELEMENT_MACROS, KernelBuildError, kernels_apply, load_kernel
+
+logger = logging.getLogger(__name__)
+
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_INT = ctypes.c_int
+
+
+class FusedElementwise:
+    def __init__(self, dtype: torch.dtype) -> None:
+        library = load_kernel("elementwise", ELEMENT_MACROS[dtype])
+        self._rms_norm = library.rms_norm
+        self._rms_norm.argtypes = [_P, _P, _P, _P, _I64, _I64, ctypes.c_float, _INT]
+        self._silu_mul = library.silu_mul
+        self._silu_mul.argtypes = [_P, _P, _I64, _I64, _INT]
+        self._rotary = library.rotary
+        self._rotary.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _INT]
+        self.dtype = dtype
+
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """RMSNorm over the last dim into a new tensor. With `residual`, first
+        residual += x in place and normalise the sum."""
+        size = x.shape[-1]
+        self._check(x, weight)
+        if residual is not None:
+            self._check(residual)
+            assert residual.shape == x.shape
+        out = torch.empty_like(x)
+        self._rms_norm(
+            x.data_ptr(), 0 if residual is None else residual.data_ptr(), weight.data_ptr(),
+            out.data_ptr(), x.numel() // size, size, eps, torch.get_num_threads(),
+        )
+        return out
+
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """gate = silu(gate) * up, in place; returns gate."""
+        self._check(gate, up)
+        assert gate.shape == up.shape
+        size = gate.shape[-1]
+        self._silu_mul(gate.data_ptr(), up.data_ptr(), gate.numel() // size, size,
+                       torch.get_num_threads())
+        return gate
+
+    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [tokens, heads, head_dim] rotated in place by cos, sin [tokens, 1, head_dim]
+        (already in x's dtype); returns x."""
+        tokens, heads, head_dim = x.shape
+        self._check(x, cos, sin)
+        assert cos.shape == sin.shape == (tokens, 1, head_dim)
+        self._rotary(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), tokens, heads, head_dim,
+                     heads * head_dim, torch.get_num_threads())
+        return x
+
+    def _check(self, *tensors: torch.Tensor) -> None:
+        # The kernels read raw memory: dtype and layout are checked before every call.
+        for t in tensors:
+            assert t.dtype == self.dtype and t.is_contiguous() and t.device.type == "cpu"
+
+
+def make_fused_elementwise(device: torch.device, dtype: torch.dtype) -> FusedElementwise | None:
+    """The fused kernels where they apply here, else None (the model keeps eager ops)."""
+    if not kernels_apply(device, dtype):
+        return None
+    try:
+        return FusedElementwise(dtype)
+    except KernelBuildError as exc:
+        logger.warning("fused elementwise kernels unavailable, using eager ops: %s", exc)
+        return None
