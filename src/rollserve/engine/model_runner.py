@@ -48,7 +48,7 @@ class ScheduledBatch:
 
 @dataclass(slots=True)
 class StepLogits:
-    logits: torch.Tensor  # float32 [rows, vocab]
+    logits: torch.Tensor  # [rows, vocab] in the model dtype
     sample_reqs: list[Req]  # row i samples for sample_reqs[i]; rows [0, len) are these
     input_logprob_rows: list[tuple[ExtendChunk, range, int]]  # (chunk, positions, first row)
 

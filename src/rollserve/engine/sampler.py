@@ -16,8 +16,12 @@ from rollserve.engine.sampling_params import GREEDY_TEMPERATURE
 def sample(
     logits: torch.Tensor, reqs: list[Req], eos_ids: tuple[int, ...], generator: torch.Generator
 ) -> torch.Tensor:
-    """logits: float32 [len(reqs), vocab] -> next token ids [len(reqs)] (int64, on CPU)."""
-    logits = _apply_penalties(logits, reqs)
+    """logits [len(reqs), vocab] (any float dtype) -> next token ids [len(reqs)] (int64, on
+    CPU). Greedy argmax reads them as they are (the float32 conversion is exact, so the
+    result is the same); everything else works in float32."""
+    if all(r.sampling.is_greedy and not _adjusts_logits(r) for r in reqs):
+        return logits.max(dim=-1).indices.cpu()
+    logits = _apply_penalties(logits.float(), reqs)
     logits = _ban_stops_before_min_tokens(logits, reqs, eos_ids)
     greedy_ids = logits.max(dim=-1).indices  # first maximum, as argmax; ~1.6x faster on CPU
     if all(r.sampling.is_greedy for r in reqs):
@@ -31,6 +35,15 @@ def sample(
     sampled = (probs / noise).argmax(dim=-1)  # exponential race == multinomial draw
     greedy = torch.tensor([r.sampling.is_greedy for r in reqs], device=logits.device)
     return torch.where(greedy, greedy_ids, sampled).cpu()
+
+
+def _adjusts_logits(req: Req) -> bool:
+    """Whether penalties or a min_new_tokens ban change this request's logits now."""
+    params = req.sampling
+    return (
+        params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0
+        or params.presence_penalty != 0.0 or len(req.output_ids) < params.min_new_tokens
+    )
 
 
 def _apply_penalties(logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
@@ -113,7 +126,7 @@ def token_logprobs(
 ) -> tuple[list[Logprob], list[list[Logprob]]]:
     """Logprobs of `token_ids` (one per row) under log-softmax(logits), plus each row's
     `top_num` most likely alternatives."""
-    logprobs = torch.log_softmax(logits, dim=-1)
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
     chosen = logprobs.gather(1, token_ids.to(logprobs.device)[:, None]).squeeze(1).tolist()
     pairs = list(zip(chosen, token_ids.tolist(), strict=True))
     if top_num <= 0:

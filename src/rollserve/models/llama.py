@@ -183,7 +183,8 @@ class CausalLM(nn.Module):
         return self.model(input_ids, batch)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits for the given rows only (the lm_head is costly: pick rows first)."""
+        """Logits in the model dtype for the given rows only (the lm_head is costly: pick rows
+        first). Consumers convert to float32 where they need it: greedy argmax does not."""
         if not self.config.tie_word_embeddings:
-            return self.lm_head(hidden).float()
-        return linear(hidden, self.model.embed_tokens.weight, self.packed_output_embedding).float()
+            return self.lm_head(hidden)
+        return linear(hidden, self.model.embed_tokens.weight, self.packed_output_embedding)
