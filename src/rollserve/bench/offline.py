@@ -192,8 +192,11 @@ def main(argv: list[str] | None = None) -> None:
     workload = make_workload(args.num_prompts, vocab, args.seed, tuple(args.prompt_len),
                              tuple(args.output_len))
     engine.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 2})  # warm-up
+    before = engine.stats()
     results = [run_engine(engine, workload)]
-    max_running = engine.stats()["max_running"]
+    stats = engine.stats()
+    steps = {key: stats[key] - before[key]
+             for key in ("steps", "prefill_steps", "prefill_step_seconds", "decode_step_seconds")}
     decode_rate = batch1_decode_rate(engine, vocab)
     device = next(engine.model.parameters()).device
     floor = copy_bandwidth_gbps(device) / 2 * 1e9 / weight_bytes(engine)  # reads only: weights once
@@ -205,7 +208,11 @@ def main(argv: list[str] | None = None) -> None:
           f"prompt len {tuple(args.prompt_len)}, output len {tuple(args.output_len)}, "
           f"seed {args.seed}")
     print_table(results)
-    print(f"largest running batch: {max_running}")
+    print(f"largest running batch: {stats['max_running']}")
+    print(f"engine steps: {steps['prefill_steps']} with prefill "
+          f"{steps['prefill_step_seconds']:.1f} s, "
+          f"{steps['steps'] - steps['prefill_steps']} decode-only "
+          f"{steps['decode_step_seconds']:.1f} s")
     print(f"batch-1 decode: {decode_rate:.1f} tok/s; memory-bandwidth floor "
           f"(weight bytes / copy bandwidth): {floor:.1f} tok/s")
     if len(results) > 1:

@@ -47,6 +47,9 @@ class SchedulerConfig:
 @dataclass(slots=True)
 class SchedulerStats:
     steps: int = 0
+    prefill_steps: int = 0  # steps that computed prompt tokens (possibly with decodes too)
+    prefill_step_seconds: float = 0.0  # forward + sampling time of those steps
+    decode_step_seconds: float = 0.0  # the same for decode-only steps
     prompt_tokens: int = 0
     cached_tokens: int = 0
     generated_tokens: int = 0
@@ -143,11 +146,20 @@ class Scheduler:
         batch = self._schedule()
         if batch.num_tokens == 0:
             return
+        started = time.perf_counter()
         slots = self._take_slots(batch.num_tokens)
         logits = self.runner.run(batch, slots)
         self.stats.steps += 1
         self.stats.max_running = max(self.stats.max_running, len(self.running))
         self._process(batch, logits)
+        self._record_step_time(bool(batch.extends), time.perf_counter() - started)
+
+    def _record_step_time(self, prefill: bool, seconds: float) -> None:
+        if prefill:
+            self.stats.prefill_steps += 1
+            self.stats.prefill_step_seconds += seconds
+        else:
+            self.stats.decode_step_seconds += seconds
 
     # ---- scheduling -------------------------------------------------------------------
 
