@@ -37,7 +37,9 @@ def _reference(q, k, v, slots, lens, scale) -> torch.Tensor:
 
 @needs_kernel
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.bfloat16, 4e-3), (torch.float32, 1e-5)])
-@pytest.mark.parametrize(("head_dim", "group", "kv_heads"), [(16, 2, 2), (64, 7, 2), (128, 1, 3)])
+@pytest.mark.parametrize(
+    ("head_dim", "group", "kv_heads"), [(16, 2, 2), (64, 7, 2), (128, 4, 2), (128, 1, 3)]
+)
 def test_kernel_matches_float64_reference(dtype, tolerance, head_dim, group, kv_heads) -> None:
     gen = torch.Generator().manual_seed(head_dim + group)
     n, pool_slots = 11, 2000
@@ -137,3 +139,17 @@ def test_engine_tokens_and_logprobs_equal_with_and_without_native_kernels(
         pairs = zip(native["meta_info"]["output_token_logprobs"],
                     torch_path["meta_info"]["output_token_logprobs"], strict=True)
         assert max(abs(a[0] - b[0]) for a, b in pairs) < 1e-4
+
+
+@needs_kernel
+def test_kernels_refuse_tensors_they_were_not_built_for() -> None:
+    fused = make_fused_elementwise(CPU, torch.float32)
+    with pytest.raises(ValueError, match="dtype"):
+        fused.silu_mul(torch.ones(2, 16, dtype=torch.bfloat16), torch.ones(2, 16))
+    with pytest.raises(ValueError, match="layout"):
+        fused.silu_mul(torch.ones(16, 2).t(), torch.ones(2, 16))
+    attention = DecodeAttention(16, 2, torch.float32)
+    k = torch.ones(2, 10, 16)
+    with pytest.raises(ValueError, match="head layout"):
+        attention(torch.ones(1, 3, 16), k, k, torch.ones(1, 4, dtype=torch.int64),
+                  torch.ones(1, dtype=torch.int64), 0.25)

@@ -35,8 +35,27 @@ ELEMENT_MACROS: dict[torch.dtype, dict[str, str | int]] = {
 }
 
 
+# ctypes spellings of the kernels' C parameter types.
+POINTER, INT64, INT, FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+
+
 class KernelBuildError(RuntimeError):
     pass
+
+
+def bind(
+    library: ctypes.CDLL, name: str, argtypes: list[type], returns: type | None = None
+) -> ctypes._CFuncPtr:
+    """The C function `name` of `library`, typed (ctypes releases the GIL around calls)."""
+    function = getattr(library, name)
+    function.argtypes, function.restype = argtypes, returns
+    return function
+
+
+def require(condition: bool, what: str) -> None:
+    """Guard before handing raw pointers to a kernel (a plain assert vanishes under -O)."""
+    if not condition:
+        raise ValueError(f"native kernel called with unsupported {what}")
 
 
 def kernels_apply(device: torch.device, dtype: torch.dtype) -> bool:

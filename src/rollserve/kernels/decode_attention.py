@@ -7,17 +7,14 @@ engine then keeps its PyTorch path, which computes the same attention.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 
 import torch
 
-from rollserve.kernels.build import ELEMENT_MACROS, KernelBuildError, kernels_apply, load_kernel
+from rollserve.kernels import build
+from rollserve.kernels.build import FLOAT, INT, INT64, POINTER
 
 logger = logging.getLogger(__name__)
-
-_P = ctypes.c_void_p
-_I64 = ctypes.c_int64
 
 
 class DecodeAttention:
@@ -25,13 +22,13 @@ class DecodeAttention:
     kv_slots [n, max_len] int64, kv_lens [n] int64, scale) -> [n, heads, dim]."""
 
     def __init__(self, head_dim: int, group: int, dtype: torch.dtype) -> None:
-        library = load_kernel("decode_attention", {
-            "HEAD_DIM": head_dim, "GROUP": group, **ELEMENT_MACROS[dtype],
+        library = build.load_kernel("decode_attention", {
+            "HEAD_DIM": head_dim, "GROUP": group, **build.ELEMENT_MACROS[dtype],
         })
-        self._run = library.decode_attention
-        self._run.argtypes = [_P, _P, _P, _I64, _P, _I64, _P, _P, _I64, _I64, ctypes.c_float,
-                              ctypes.c_int]
-        self._run.restype = ctypes.c_int
+        self._run = build.bind(library, "decode_attention", [
+            POINTER, POINTER, POINTER, INT64, POINTER, INT64, POINTER, POINTER, INT64, INT64,
+            FLOAT, INT,
+        ], returns=INT)
         self.head_dim, self.group, self.dtype = head_dim, group, dtype
 
     def __call__(
@@ -41,10 +38,11 @@ class DecodeAttention:
         # The kernel reads raw memory: shapes, dtypes and layouts are checked here, once.
         n, heads, dim = q.shape
         kv_heads, pool_slots, _ = k.shape
-        assert dim == self.head_dim and heads == kv_heads * self.group
-        assert q.dtype == k.dtype == v.dtype == self.dtype and k.shape == v.shape
-        assert kv_slots.dtype == kv_lens.dtype == torch.int64 and kv_slots.shape[0] == n
-        assert k.is_contiguous() and v.is_contiguous()
+        build.require(dim == self.head_dim and heads == kv_heads * self.group, "q's head layout")
+        build.require(q.dtype == k.dtype == v.dtype == self.dtype and k.shape == v.shape, "q, k, v")
+        build.require(kv_slots.dtype == kv_lens.dtype == torch.int64 and kv_slots.shape[0] == n
+                and kv_lens.shape == (n,), "kv_slots and kv_lens")
+        build.require(k.is_contiguous() and v.is_contiguous(), "the KV pool's layout")
         q, kv_slots, kv_lens = q.contiguous(), kv_slots.contiguous(), kv_lens.contiguous()
         out = torch.empty_like(q)
         status = self._run(
@@ -61,10 +59,10 @@ def make_decode_attention(
     device: torch.device, dtype: torch.dtype, head_dim: int, group: int
 ) -> DecodeAttention | None:
     """The kernel where it applies here, else None (the caller keeps the PyTorch path)."""
-    if not kernels_apply(device, dtype) or head_dim % 16:
+    if not build.kernels_apply(device, dtype) or head_dim % 16:
         return None
     try:
         return DecodeAttention(head_dim, group, dtype)
-    except KernelBuildError as exc:
+    except build.KernelBuildError as exc:
         logger.warning("decode-attention kernel unavailable, using the PyTorch path: %s", exc)
         return None

@@ -4,29 +4,26 @@ PyTorch ops they replace)."""
 
 from __future__ import annotations
 
-import ctypes
 import logging
 
 import torch
 
-from rollserve.kernels.build import ELEMENT_MACROS, KernelBuildError, kernels_apply, load_kernel
+from rollserve.kernels import build
+from rollserve.kernels.build import FLOAT, INT, INT64, POINTER
 
 logger = logging.getLogger(__name__)
-
-_P = ctypes.c_void_p
-_I64 = ctypes.c_int64
-_INT = ctypes.c_int
 
 
 class FusedElementwise:
     def __init__(self, dtype: torch.dtype) -> None:
-        library = load_kernel("elementwise", ELEMENT_MACROS[dtype])
-        self._rms_norm = library.rms_norm
-        self._rms_norm.argtypes = [_P, _P, _P, _P, _I64, _I64, ctypes.c_float, _INT]
-        self._silu_mul = library.silu_mul
-        self._silu_mul.argtypes = [_P, _P, _I64, _I64, _INT]
-        self._rotary = library.rotary
-        self._rotary.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _INT]
+        library = build.load_kernel("elementwise", build.ELEMENT_MACROS[dtype])
+        self._rms_norm = build.bind(
+            library, "rms_norm", [POINTER, POINTER, POINTER, POINTER, INT64, INT64, FLOAT, INT]
+        )
+        self._silu_mul = build.bind(library, "silu_mul", [POINTER, POINTER, INT64, INT64, INT])
+        self._rotary = build.bind(
+            library, "rotary", [POINTER, POINTER, POINTER, INT64, INT64, INT64, INT64, INT]
+        )
         self.dtype = dtype
 
     def rms_norm(
@@ -39,7 +36,7 @@ class FusedElementwise:
         self._check(x, weight)
         if residual is not None:
             self._check(residual)
-            assert residual.shape == x.shape
+            build.require(residual.shape == x.shape, "residual shape")
         out = torch.empty_like(x)
         self._rms_norm(
             x.data_ptr(), 0 if residual is None else residual.data_ptr(), weight.data_ptr(),
@@ -50,7 +47,7 @@ class FusedElementwise:
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """gate = silu(gate) * up, in place; returns gate."""
         self._check(gate, up)
-        assert gate.shape == up.shape
+        build.require(gate.shape == up.shape, "gate and up shapes")
         size = gate.shape[-1]
         self._silu_mul(gate.data_ptr(), up.data_ptr(), gate.numel() // size, size,
                        torch.get_num_threads())
@@ -61,7 +58,7 @@ class FusedElementwise:
         (already in x's dtype); returns x."""
         tokens, heads, head_dim = x.shape
         self._check(x, cos, sin)
-        assert cos.shape == sin.shape == (tokens, 1, head_dim)
+        build.require(cos.shape == sin.shape == (tokens, 1, head_dim), "cos and sin shapes")
         self._rotary(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), tokens, heads, head_dim,
                      heads * head_dim, torch.get_num_threads())
         return x
@@ -69,15 +66,16 @@ class FusedElementwise:
     def _check(self, *tensors: torch.Tensor) -> None:
         # The kernels read raw memory: dtype and layout are checked before every call.
         for t in tensors:
-            assert t.dtype == self.dtype and t.is_contiguous() and t.device.type == "cpu"
+            build.require(t.dtype == self.dtype and t.is_contiguous() and t.device.type == "cpu",
+                    "tensor dtype, layout or device")
 
 
 def make_fused_elementwise(device: torch.device, dtype: torch.dtype) -> FusedElementwise | None:
     """The fused kernels where they apply here, else None (the model keeps eager ops)."""
-    if not kernels_apply(device, dtype):
+    if not build.kernels_apply(device, dtype):
         return None
     try:
         return FusedElementwise(dtype)
-    except KernelBuildError as exc:
+    except build.KernelBuildError as exc:
         logger.warning("fused elementwise kernels unavailable, using eager ops: %s", exc)
         return None
