@@ -153,3 +153,19 @@ def test_kernels_refuse_tensors_they_were_not_built_for() -> None:
     with pytest.raises(ValueError, match="head layout"):
         attention(torch.ones(1, 3, 16), k, k, torch.ones(1, 4, dtype=torch.int64),
                   torch.ones(1, dtype=torch.int64), 0.25)
+
+
+def test_without_a_compiler_the_engine_falls_back_and_says_so(
+    tiny_model_factory, tmp_path, monkeypatch, caplog
+) -> None:
+    monkeypatch.setenv("ROLLSERVE_CACHE", str(tmp_path))  # nothing built yet
+    monkeypatch.setenv("CC", "no-such-compiler")
+    with caplog.at_level("WARNING"):
+        assert make_decode_attention(CPU, torch.float32, 64, 2) is None
+        assert make_fused_elementwise(CPU, torch.float32) is None
+    assert "no C compiler ('no-such-compiler')" in caplog.text
+    with Engine(str(tiny_model_factory("qwen2")), dtype="float32", device="cpu",
+                max_total_tokens=1024) as engine:
+        assert engine.scheduler.runner.decode_kernel is None
+        out = engine.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 4})
+    assert len(out["output_ids"]) == 4
