@@ -235,3 +235,27 @@ def test_server_args_reject_unknown_keys_and_flags() -> None:
     run = subprocess.run([sys.executable, "-m", "rollserve.launch_server", "--model-path", "m",
                           "--bogus-flag", "1"], capture_output=True, text=True)
     assert run.returncode == 2 and "--bogus-flag" in run.stderr
+
+
+def test_unexpected_handler_error_answers_json_500_and_the_app_keeps_serving() -> None:
+    from fastapi import FastAPI
+    from starlette.testclient import TestClient
+
+    from rollserve.server.app import GuardMiddleware
+
+    app = FastAPI()
+    app.add_middleware(GuardMiddleware, api_key=None, max_request_bytes=1024)
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("kaput")
+
+    @app.get("/ok")
+    async def ok() -> dict:
+        return {"ok": True}
+
+    with TestClient(app) as client:
+        response = client.get("/boom")
+        assert response.status_code == 500
+        assert response.json()["error"]["message"] == "internal error: RuntimeError: kaput"
+        assert client.get("/ok").json() == {"ok": True}
