@@ -78,7 +78,7 @@ static void item_scores(const ELEM *q, const ELEM *k, const int64_t *slots, int6
                 for (int d = 0; d < 16; d++)
                     acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(qf[h][c * 16 + d]), block[d], acc[h]);
         }
-        const __mmask16 mask = count == 16 ? 0xffff : (__mmask16)((1u << count) - 1);
+        const __mmask16 mask = tail_mask(count);
         for (int h = 0; h < GROUP; h++) _mm512_mask_storeu_ps(scores + h * len + first, mask, acc[h]);
     }
 }
@@ -108,13 +108,13 @@ static void item_softmax(float *scores, int64_t len, float *inv_sum) {
         float *s = scores + h * len;
         __m512 vmax = _mm512_set1_ps(-__builtin_inff());
         for (int64_t t = 0; t < len; t += 16) {
-            __mmask16 m = len - t >= 16 ? 0xffff : (__mmask16)((1u << (len - t)) - 1);
+            const __mmask16 m = tail_mask(len - t);
             vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(vmax, m, s + t));
         }
         __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
         __m512 vsum = _mm512_setzero_ps();
         for (int64_t t = 0; t < len; t += 16) {
-            __mmask16 m = len - t >= 16 ? 0xffff : (__mmask16)((1u << (len - t)) - 1);
+            const __mmask16 m = tail_mask(len - t);
             __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t), top));
             e = _mm512_maskz_mov_ps(m, e);
             _mm512_mask_storeu_ps(s + t, m, e);
