@@ -126,3 +126,25 @@ def test_n_samples_share_the_prompt_cache(engine: Engine) -> None:
     assert len(outs) == 4
     assert [o["meta_info"]["cached_tokens"] for o in outs][1:] == [len(prompt) - 1] * 3
     assert len({tuple(o["output_ids"]) for o in outs}) > 1
+
+
+def test_sampler_reads_model_dtype_logits_with_the_tokens_of_their_float32_copy() -> None:
+    from rollserve.engine.request import Req
+    from rollserve.engine.sampler import sample
+    from rollserve.engine.sampling_params import SamplingParams
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=gen).to(torch.bfloat16)
+    untouched = logits.clone()
+    top = [int(row.float().argmax()) for row in logits]
+    params = [
+        {"temperature": 0.0},
+        {"temperature": 0.0, "repetition_penalty": 2.0},  # the prompt token is the top one
+        {"temperature": 0.0, "min_new_tokens": 2, "stop_token_ids": [top[2]]},
+    ]
+    reqs = [Req(f"r{i}", [top[i]], SamplingParams.from_dict(p), None, lambda _req: None)
+            for i, p in enumerate(params)]
+    got = sample(logits, reqs, (), gen).tolist()
+    assert got == sample(logits.float(), reqs, (), gen).tolist()
+    assert got[0] == top[0] and got[1] != top[1] and got[2] != top[2]
+    assert torch.equal(logits, untouched)  # penalties and bans work on a float32 copy

@@ -99,12 +99,15 @@ class ModelRunner:
         self, batch: ScheduledBatch, positions: torch.Tensor, out_slots: torch.Tensor
     ) -> AttentionBatch:
         table = self.table.slots
-        decode_slots = kv_lens = None
+        decode_slots = kv_lens = padding = None
         if batch.decodes:
             lens = [len(r.fill_ids) for r in batch.decodes]
             kv_lens = torch.tensor(lens, device=self.device)
             rows = torch.tensor([r.table_row for r in batch.decodes], device=self.device)
             decode_slots = table[rows, : max(lens)]
+            if self.decode_kernel is None:
+                span = torch.arange(max(lens), device=self.device)
+                padding = (span[None, :] >= kv_lens[:, None])[:, None, :]
         spans, offset = [], len(batch.decodes)
         for chunk in batch.extends:
             size = chunk.end - chunk.start
@@ -114,7 +117,7 @@ class ModelRunner:
             ))
             offset += size
         return AttentionBatch(
-            positions, out_slots, len(batch.decodes), decode_slots, kv_lens, spans,
+            positions, out_slots, len(batch.decodes), decode_slots, kv_lens, padding, spans,
             self.pool.k_cache, self.pool.v_cache, self.decode_kernel,
         )
 

@@ -17,11 +17,9 @@ def sample(
     logits: torch.Tensor, reqs: list[Req], eos_ids: tuple[int, ...], generator: torch.Generator
 ) -> torch.Tensor:
     """logits [len(reqs), vocab] (any float dtype) -> next token ids [len(reqs)] (int64, on
-    CPU). Greedy argmax reads them as they are (the float32 conversion is exact, so the
-    result is the same); everything else works in float32."""
-    if all(r.sampling.is_greedy and not _adjusts_logits(r) for r in reqs):
-        return logits.max(dim=-1).indices.cpu()
-    logits = _apply_penalties(logits.float(), reqs)
+    CPU). Logits are copied to float32 only where they change or feed a softmax: greedy
+    argmax reads the model dtype as it is (converting to float32 is exact, same result)."""
+    logits = _apply_penalties(logits, reqs)
     logits = _ban_stops_before_min_tokens(logits, reqs, eos_ids)
     greedy_ids = logits.max(dim=-1).indices  # first maximum, as argmax; ~1.6x faster on CPU
     if all(r.sampling.is_greedy for r in reqs):
@@ -29,21 +27,12 @@ def sample(
     temperatures = torch.tensor(
         [max(r.sampling.temperature, GREEDY_TEMPERATURE) for r in reqs], device=logits.device
     )
-    probs = torch.softmax(logits / temperatures[:, None], dim=-1)
+    probs = torch.softmax(logits.float() / temperatures[:, None], dim=-1)
     probs = _filter(probs, reqs)
     noise = _exponential_noise(probs, reqs, generator)
     sampled = (probs / noise).argmax(dim=-1)  # exponential race == multinomial draw
     greedy = torch.tensor([r.sampling.is_greedy for r in reqs], device=logits.device)
     return torch.where(greedy, greedy_ids, sampled).cpu()
-
-
-def _adjusts_logits(req: Req) -> bool:
-    """Whether penalties or a min_new_tokens ban change this request's logits now."""
-    params = req.sampling
-    return (
-        params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0
-        or params.presence_penalty != 0.0 or len(req.output_ids) < params.min_new_tokens
-    )
 
 
 def _apply_penalties(logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
@@ -54,7 +43,7 @@ def _apply_penalties(logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
     ]
     if not rows:
         return logits
-    logits = logits.clone()
+    logits = logits.to(torch.float32, copy=True)
     vocab, device = logits.shape[1], logits.device
     for i in rows:
         params, row = reqs[i].sampling, logits[i]
@@ -78,7 +67,7 @@ def _ban_stops_before_min_tokens(
     rows = [i for i, r in enumerate(reqs) if len(r.output_ids) < r.sampling.min_new_tokens]
     if not rows:
         return logits
-    logits = logits.clone()
+    logits = logits.to(torch.float32, copy=True)
     for i in rows:
         params = reqs[i].sampling
         banned = list(params.stop_token_ids) + ([] if params.ignore_eos else list(eos_ids))

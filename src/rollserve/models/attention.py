@@ -32,7 +32,9 @@ class AttentionBatch:
     out_slots: torch.Tensor  # [tokens] pool slot receiving each token's K/V
     num_decode: int  # rows [0, num_decode) are decode tokens
     decode_kv_slots: torch.Tensor | None  # [num_decode, max_kv_len], padded with slot 0
-    decode_kv_lens: torch.Tensor | None  # [num_decode] int64
+    decode_kv_lens: torch.Tensor | None  # [num_decode] int64 (the kernel's input)
+    decode_padding: torch.Tensor | None  # [num_decode, 1, max_kv_len] bool, True = padding;
+    # built once per step, and only for the PyTorch path (decode_kernel is None)
     extends: list[ExtendSpan]
     k_cache: torch.Tensor  # [layers, kv_heads, slots, head_dim]
     v_cache: torch.Tensor
@@ -76,9 +78,7 @@ def _attend_decode(
     v = _gather(v_cache, slots)
     grouped = q.view(n, kv_heads, heads // kv_heads, dim).transpose(0, 1)
     scores = torch.matmul(grouped * scale, k.transpose(-1, -2))  # [kv_heads, n, group, kv_len]
-    span = torch.arange(slots.shape[1], device=slots.device)
-    padding = (span[None, :] >= batch.decode_kv_lens[:, None])[:, None, :]  # [n, 1, kv_len]
-    scores = scores.masked_fill(padding, float("-inf"))
+    scores = scores.masked_fill(batch.decode_padding, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
     return torch.matmul(probs, v).transpose(0, 1).reshape(n, heads, dim)
 
