@@ -10,6 +10,7 @@ import torch
 from rollserve import Engine
 from rollserve.kernels.decode_attention import DecodeAttention, make_decode_attention
 from rollserve.kernels.elementwise import make_fused_elementwise
+from rollserve.kernels.sampling import make_native_sampling
 from rollserve.models.llama import RMSNorm
 from rollserve.models.rope import apply_rotary
 
@@ -116,6 +117,7 @@ def test_kernels_are_not_used_where_they_do_not_apply() -> None:
     assert make_decode_attention(torch.device("cuda"), torch.float32, 64, 2) is None
     assert make_fused_elementwise(CPU, torch.float16) is None
     assert make_fused_elementwise(torch.device("cuda"), torch.bfloat16) is None
+    assert make_native_sampling(torch.device("cuda")) is None
 
 
 @needs_kernel
@@ -130,6 +132,7 @@ def test_engine_tokens_and_logprobs_equal_with_and_without_native_kernels(
         with Engine(str(path), dtype="float32", device="cpu", max_total_tokens=4096,
                     disable_native_kernels=disabled) as engine:
             assert (engine.scheduler.runner.decode_kernel is None) == disabled
+            assert (engine.scheduler.native_sampling is None) == disabled
             assert (engine.model.model.norm.fused is None) == disabled
             results[disabled] = engine.generate(
                 input_ids=prompts, sampling_params=params, return_logprob=True
@@ -163,6 +166,7 @@ def test_without_a_compiler_the_engine_falls_back_and_says_so(
     with caplog.at_level("WARNING"):
         assert make_decode_attention(CPU, torch.float32, 64, 2) is None
         assert make_fused_elementwise(CPU, torch.float32) is None
+        assert make_native_sampling(CPU) is None
     assert "no C compiler ('no-such-compiler')" in caplog.text
     with Engine(str(tiny_model_factory("qwen2")), dtype="float32", device="cpu",
                 max_total_tokens=1024) as engine:

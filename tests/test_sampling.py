@@ -148,3 +148,35 @@ def test_sampler_reads_model_dtype_logits_with_the_tokens_of_their_float32_copy(
     assert got == sample(logits.float(), reqs, (), gen).tolist()
     assert got[0] == top[0] and got[1] != top[1] and got[2] != top[2]
     assert torch.equal(logits, untouched)  # penalties and bans work on a float32 copy
+
+
+@pytest.mark.parametrize("native_path", [False, True])
+def test_sampler_leaves_logits_untouched_and_draws_the_same_tokens_on_both_paths(
+    native_path: bool,
+) -> None:
+    """The native kernel and the PyTorch path take the same uniform per row through the same
+    inverse CDF: equal tokens but where a draw falls within rounding of a boundary."""
+    from rollserve.engine.request import Req
+    from rollserve.engine.sampler import sample
+    from rollserve.engine.sampling_params import SamplingParams
+    from rollserve.kernels.sampling import make_native_sampling
+
+    native = make_native_sampling(torch.device("cpu"))
+    if native_path and native is None:
+        pytest.skip("no AVX-512 CPU or no C compiler")
+    logits = torch.randn(64, 300, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    untouched = logits.clone()
+    params = [{"temperature": 0.0}, {"temperature": 0.7}, {}] * 21 + [{"temperature": 0.0}]
+    reqs = [Req(f"r{i}", [1], SamplingParams.from_dict(p), None, lambda _req: None)
+            for i, p in enumerate(params)]
+
+    def draw(use_native: bool) -> list[int]:
+        generator = torch.Generator().manual_seed(7)
+        return sample(logits, reqs, (), generator, native if use_native else None).tolist()
+
+    reference = draw(False)
+    assert torch.equal(logits, untouched)
+    assert reference[::3] == logits[::3].float().argmax(-1).tolist()  # greedy rows
+    if native_path:
+        assert sum(a == b for a, b in zip(draw(True), reference, strict=True)) >= 63
+        assert torch.equal(logits, untouched)

@@ -21,7 +21,7 @@ class EngineArgs:
     schedule_policy: str = "fcfs"
     disable_radix_cache: bool = False
     random_seed: int = 0
-    # Native AVX-512 CPU kernels (decode attention; fused norms, SwiGLU, rotary) are used
+    # Native AVX-512 CPU kernels (decode attention; fused norms, SwiGLU, rotary; sampling) are used
     # where they apply; True keeps eager PyTorch ops everywhere (same results within rounding).
     disable_native_kernels: bool = False
 

@@ -31,6 +31,7 @@ from rollserve.engine.validation import GenerateInput, RequestLimits, normalise_
 from rollserve.engine.weight_update import DEFAULT_GROUP, NamedTensors, WeightUpdater
 from rollserve.kernels.decode_attention import make_decode_attention
 from rollserve.kernels.elementwise import make_fused_elementwise
+from rollserve.kernels.sampling import make_native_sampling
 from rollserve.models.config import load_model_config
 from rollserve.models.loader import load_model, resolve_device, resolve_dtype
 from rollserve.weight_specs import parse_specs
@@ -81,8 +82,9 @@ class Engine:
         self.limits = RequestLimits(config.vocab_size, self.context_len, pool_size)
         self.eos_ids = _eos_ids(Path(args.model_path), config.eos_token_id, self.tokenizer)
         generator = torch.Generator(device=self.device).manual_seed(args.random_seed)
-        decode_attention, fused = None, None
+        decode_attention, fused, native_sampling = None, None, None
         if not args.disable_native_kernels:
+            native_sampling = make_native_sampling(self.device)
             decode_attention = make_decode_attention(
                 self.device, self.dtype, config.head_dim, config.num_heads // config.num_kv_heads
             )
@@ -93,12 +95,12 @@ class Engine:
         self.scheduler = Scheduler(
             SchedulerConfig(args.max_running_requests, args.chunked_prefill_size,
                             args.schedule_policy, self.context_len),
-            runner, self.pool, table, self.cache, self.eos_ids, generator,
+            runner, self.pool, table, self.cache, self.eos_ids, generator, native_sampling,
         )
         logger.info(
             "loaded %s (%s) dtype=%s device=%s; KV pool: %d tokens; native CPU kernels: %s",
             args.model_path, config.architecture, str(self.dtype).removeprefix("torch."),
-            self.device, pool_size, "on" if decode_attention or fused else "off",
+            self.device, pool_size, "on" if decode_attention or fused or native_sampling else "off",
         )
 
     # ---- public API ---------------------------------------------------------------------

@@ -28,6 +28,7 @@ from rollserve.engine.model_runner import ExtendChunk, ModelRunner, ScheduledBat
 from rollserve.engine.radix_cache import RadixCache
 from rollserve.engine.request import FinishReason, Req
 from rollserve.engine.sampler import sample, token_logprobs
+from rollserve.kernels.sampling import NativeSampling
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +65,11 @@ class Scheduler:
     def __init__(
         self, config: SchedulerConfig, runner: ModelRunner, pool: KVPool,
         table: ReqToTokenTable, cache: RadixCache, eos_ids: tuple[int, ...],
-        generator: torch.Generator,
+        generator: torch.Generator, native_sampling: NativeSampling | None = None,
     ) -> None:
         self.config, self.runner, self.pool = config, runner, pool
         self.table, self.cache, self.eos_ids = table, cache, eos_ids
-        self.generator = generator
+        self.generator, self.native_sampling = generator, native_sampling
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.stats = SchedulerStats()
@@ -300,7 +301,8 @@ class Scheduler:
         if not step.sample_reqs:
             return
         sample_logits = step.logits[: len(step.sample_reqs)]
-        next_ids = sample(sample_logits, step.sample_reqs, self.eos_ids, self.generator)
+        next_ids = sample(sample_logits, step.sample_reqs, self.eos_ids, self.generator,
+                          self.native_sampling)
         self._record_output_logprobs(sample_logits, next_ids, step.sample_reqs)
         for req, token in zip(step.sample_reqs, next_ids.tolist(), strict=True):
             self._append_token(req, token)
