@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from rollserve import Engine
+from rollserve.engine.args import DEFAULT_CHUNKED_PREFILL_SIZE
 from rollserve.models.local_cache import ensure_tiny_model
 
 
@@ -171,7 +172,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-total-tokens", type=int, default=None)
     parser.add_argument("--max-running-requests", type=int, default=256)
-    parser.add_argument("--chunked-prefill-size", type=int, default=4096)
+    parser.add_argument("--chunked-prefill-size", type=int, default=DEFAULT_CHUNKED_PREFILL_SIZE)
     parser.add_argument("--disable-native-kernels", action="store_true")
     parser.add_argument("--compare", choices=["hf", "none"], default="none")
     parser.add_argument("--hf-batch-size", type=int, default=32)

@@ -24,6 +24,7 @@ import aiohttp
 
 from rollserve import Engine
 from rollserve.bench.offline import RunResult, Workload, make_workload, print_table, run_engine
+from rollserve.engine.args import DEFAULT_CHUNKED_PREFILL_SIZE
 from rollserve.models.local_cache import ensure_tiny_model
 
 
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--chunked-prefill-size", type=int, default=2048)
+    parser.add_argument("--chunked-prefill-size", type=int, default=DEFAULT_CHUNKED_PREFILL_SIZE)
     parser.add_argument("--port", type=int, default=31000)
     parser.add_argument("--repeats", type=int, default=1,
                         help="run the three configurations this many times, interleaved, and "

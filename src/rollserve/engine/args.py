@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SCHEDULE_POLICIES = ("fcfs", "lpm")
+DEFAULT_CHUNKED_PREFILL_SIZE = 4096
 
 
 @dataclass(slots=True)
@@ -17,7 +18,7 @@ class EngineArgs:
     max_total_tokens: int | None = None  # KV pool size in tokens; overrides the fraction
     max_running_requests: int = 256
     context_length: int | None = None  # default: the model's max_position_embeddings
-    chunked_prefill_size: int = 4096  # <= 0 disables chunking
+    chunked_prefill_size: int = DEFAULT_CHUNKED_PREFILL_SIZE  # <= 0 disables chunking
     schedule_policy: str = "fcfs"
     disable_radix_cache: bool = False
     random_seed: int = 0

@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from rollserve.engine.args import SCHEDULE_POLICIES, EngineArgs
+from rollserve.engine.args import DEFAULT_CHUNKED_PREFILL_SIZE, SCHEDULE_POLICIES, EngineArgs
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -29,7 +29,7 @@ class ServerArgs:
     max_total_tokens: int | None = None
     max_running_requests: int = 256
     context_length: int | None = None
-    chunked_prefill_size: int = 2048
+    chunked_prefill_size: int = DEFAULT_CHUNKED_PREFILL_SIZE
     schedule_policy: str = "fcfs"
     disable_radix_cache: bool = False
     random_seed: int = 0
