@@ -121,7 +121,7 @@ def _inverse_cdf_draw(probs: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     the first token whose cumulative mass reaches draw * total. A zero-probability token
     never qualifies, since its cumulative mass equals its predecessor's. One uniform per row
     instead of one random number per vocabulary entry: on CPU, filling [batch, vocab] with
-    exponential noise for an exponential race cost ~20x the forward of a decode step."""
+    exponential noise for an exponential race took longer than a decode step's forward."""
     cdf = probs.cumsum(dim=-1)
     targets = draws[:, None].to(cdf.dtype) * cdf[:, -1:]
     return torch.searchsorted(cdf, targets).squeeze(1)

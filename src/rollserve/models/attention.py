@@ -3,7 +3,8 @@
 A forward pass sees a flattened batch of tokens ordered as [all decode tokens, then each
 extend (prefill) sequence's tokens]. Decode tokens attend through the native CPU kernel when
 the batch carries one (rollserve.kernels.decode_attention), else as one padded PyTorch batch;
-each extend sequence attends on its own, so no query row is ever padding.
+each extend sequence attends on its own (a bf16 one on CPU padded at the end to SDPA's block
+size, see _causal_padding).
 """
 
 from __future__ import annotations
@@ -90,13 +91,15 @@ def _attend_extend(
     scale: float,
 ) -> torch.Tensor:
     """q: [q_len, heads, dim] of one sequence -> [q_len, heads, dim]."""
-    q_len, pad = q.shape[0], _causal_padding(q, span)
-    slots = span.kv_slots if not pad else torch.cat([span.kv_slots, span.kv_slots[-1:].expand(pad)])
+    q_len, queries, slots = q.shape[0], q.transpose(0, 1)[None], span.kv_slots
+    if pad := _causal_padding(q, span):
+        queries = F.pad(queries, (0, 0, 0, pad))
+        slots = torch.cat([slots, slots[-1:].expand(pad)])  # any real slot: never attended
     k = _gather(k_cache, slots[None]).transpose(0, 1)  # [1, kv_heads, kv_len, dim]
     v = _gather(v_cache, slots[None]).transpose(0, 1)
     out = F.scaled_dot_product_attention(
-        F.pad(q.transpose(0, 1)[None], (0, 0, 0, pad)), k, v, attn_mask=span.mask,
-        is_causal=span.mask is None, scale=scale, enable_gqa=True,
+        queries, k, v, attn_mask=span.mask, is_causal=span.mask is None, scale=scale,
+        enable_gqa=True,
     )
     return out[0, :, :q_len].transpose(0, 1)
 
