@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from rollserve.kernels.decode_attention import make_decode_attention
+from rollserve.kernels.decode_attention import DecodeAttention, make_decode_attention
 from rollserve.models.attention import AttentionBatch, paged_attention
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM = 24, 14, 2, 64
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     lens = torch.full((n,), kv_len)
     padding = torch.zeros(n, 1, kv_len, dtype=torch.bool)
 
-    def attend_with(decode_kernel: object) -> Callable[[int], None]:
+    def attend_with(decode_kernel: DecodeAttention | None) -> Callable[[int], None]:
         batch = AttentionBatch(lens - 1, slots[:, -1].clone(), n, slots, lens,
                                None if decode_kernel else padding, [], k_cache, v_cache,
                                decode_kernel)
