@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rollserve import Engine
+from rollserve.kernels.amx_linear import make_amx_linear
 from rollserve.kernels.decode_attention import DecodeAttention, make_decode_attention
 from rollserve.kernels.elementwise import make_fused_elementwise
 from rollserve.kernels.sampling import make_native_sampling
@@ -167,6 +168,7 @@ def test_without_a_compiler_the_engine_falls_back_and_says_so(
         assert make_decode_attention(CPU, torch.float32, 64, 2) is None
         assert make_fused_elementwise(CPU, torch.float32) is None
         assert make_native_sampling(CPU) is None
+        assert make_amx_linear(CPU, torch.bfloat16) is None
     assert "no C compiler ('no-such-compiler')" in caplog.text
     with Engine(str(tiny_model_factory("qwen2")), dtype="float32", device="cpu",
                 max_total_tokens=1024) as engine:

@@ -29,6 +29,7 @@ from rollserve.engine.request import Req
 from rollserve.engine.scheduler import Scheduler, SchedulerConfig
 from rollserve.engine.validation import GenerateInput, RequestLimits, normalise_request
 from rollserve.engine.weight_update import DEFAULT_GROUP, NamedTensors, WeightUpdater
+from rollserve.kernels.amx_linear import make_amx_linear
 from rollserve.kernels.decode_attention import make_decode_attention
 from rollserve.kernels.elementwise import make_fused_elementwise
 from rollserve.kernels.sampling import make_native_sampling
@@ -82,14 +83,16 @@ class Engine:
         self.limits = RequestLimits(config.vocab_size, self.context_len, pool_size)
         self.eos_ids = _eos_ids(Path(args.model_path), config.eos_token_id, self.tokenizer)
         generator = torch.Generator(device=self.device).manual_seed(args.random_seed)
-        decode_attention, fused, native_sampling = None, None, None
+        decode_attention, fused, native_sampling, amx = None, None, None, None
         if not args.disable_native_kernels:
             native_sampling = make_native_sampling(self.device)
             decode_attention = make_decode_attention(
                 self.device, self.dtype, config.head_dim, config.num_heads // config.num_kv_heads
             )
             fused = make_fused_elementwise(self.device, self.dtype)
+            amx = make_amx_linear(self.device, self.dtype)
         self.model.use_fused_elementwise(fused)
+        self.model.use_amx_linear(amx)
         runner = ModelRunner(self.model, self.pool, table, decode_attention)
         self.weights = WeightUpdater(self.model, self.device)
         self.scheduler = Scheduler(
@@ -97,10 +100,13 @@ class Engine:
                             args.schedule_policy, self.context_len),
             runner, self.pool, table, self.cache, self.eos_ids, generator, native_sampling,
         )
+        kernels = {"decode attention": decode_attention, "fused elementwise": fused,
+                   "sampling": native_sampling, "AMX linear": amx}
         logger.info(
             "loaded %s (%s) dtype=%s device=%s; KV pool: %d tokens; native CPU kernels: %s",
             args.model_path, config.architecture, str(self.dtype).removeprefix("torch."),
-            self.device, pool_size, "on" if decode_attention or fused or native_sampling else "off",
+            self.device, pool_size,
+            ", ".join(name for name, kernel in kernels.items() if kernel is not None) or "none",
         )
 
     # ---- public API ---------------------------------------------------------------------

@@ -66,32 +66,36 @@ def kernels_apply(device: torch.device, dtype: torch.dtype) -> bool:
     )
 
 
-def load_kernel(name: str, macros: dict[str, str | int]) -> ctypes.CDLL:
-    """The compiled `name`.c with `macros` defined; raises KernelBuildError with the
-    compiler's message when it cannot be built."""
+def load_kernel(
+    name: str, macros: dict[str, str | int], extra_flags: tuple[str, ...] = ()
+) -> ctypes.CDLL:
+    """The compiled `name`.c with `macros` defined (and `extra_flags`, such as instruction
+    sets only some kernels use); raises KernelBuildError with the compiler's message when it
+    cannot be built."""
     compiler = os.environ.get("CC", "gcc")
     if shutil.which(compiler) is None:
         raise KernelBuildError(f"no C compiler ({compiler!r}) on PATH")
     sources = [(KERNEL_DIR / f"{name}.c").read_text()]
     sources += [header.read_text() for header in sorted(KERNEL_DIR.glob("*.h"))]
     defines = tuple(f"-D{key}={value}" for key, value in sorted(macros.items()))
+    options = (*extra_flags, *defines)
     digest = hashlib.sha256(
-        "\0".join((*sources, compiler, *FLAGS, *defines)).encode()
+        "\0".join((*sources, compiler, *FLAGS, *options)).encode()
     ).hexdigest()
     target = cache_dir() / "kernels" / f"{name}-{digest[:16]}.so"
     if not target.is_file():
-        _compile(compiler, KERNEL_DIR / f"{name}.c", defines, target)
+        _compile(compiler, KERNEL_DIR / f"{name}.c", options, target)
     return ctypes.CDLL(str(target))
 
 
-def _compile(compiler: str, source: Path, defines: tuple[str, ...], target: Path) -> None:
+def _compile(compiler: str, source: Path, options: tuple[str, ...], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, staging = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
         try:
             done = subprocess.run(
-                [compiler, *FLAGS, *defines, str(source), "-o", staging],
+                [compiler, *FLAGS, *options, str(source), "-o", staging],
                 capture_output=True, text=True, timeout=120,
             )
         except (OSError, subprocess.SubprocessError) as exc:

@@ -1,8 +1,10 @@
-"""Linear layers that use oneDNN prepacked weights on CPU in bfloat16/float16.
+"""Linear layers that use oneDNN prepacked weights on CPU in bfloat16/float16, and the AMX
+kernel for bf16 matmuls of few rows.
 
 oneDNN multiplies ~1.5x faster at decode batch sizes when the weight is laid out for it in
 advance, with bit-identical results. The packed copy is derived state: whoever changes a
-weight calls `repack()` (CausalLM.repack_weights() for the whole model).
+weight calls `repack()` (CausalLM.repack_weights() for the whole model). The AMX kernel reads
+the plain weight, so packed or not makes no difference to the matmuls it takes.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from rollserve.kernels.amx_linear import AmxLinear
 
 _PACKED_DTYPES = (torch.bfloat16, torch.float16)
 _PACK_BATCH_HINT = 64  # the layout suits any batch; 64 is a typical decode batch
@@ -30,8 +34,10 @@ def pack(weight: torch.Tensor) -> torch.Tensor | None:
 
 def linear(
     x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
-    bias: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None, amx: AmxLinear | None = None,
 ) -> torch.Tensor:
+    if amx is not None and amx.serves(x, weight):
+        return amx(x, weight, bias)
     if packed is None:
         return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
@@ -41,9 +47,10 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(in_features, out_features, bias=bias)
         self.packed: torch.Tensor | None = None
+        self.amx: AmxLinear | None = None  # takes the few-row matmuls when set
 
     def repack(self) -> None:
         self.packed = pack(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.packed, self.bias)
+        return linear(x, self.weight, self.packed, self.bias, self.amx)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rollserve.kernels.amx_linear import AmxLinear
 from rollserve.kernels.elementwise import FusedElementwise
 from rollserve.models.attention import AttentionBatch, paged_attention
 from rollserve.models.config import ModelConfig
@@ -139,6 +140,7 @@ class CausalLM(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.packed_output_embedding: torch.Tensor | None = None
+        self.amx: AmxLinear | None = None  # the tied lm_head's few-row matmuls
         self._linears = {f"{name}.weight": m for name, m in self.named_modules()
                          if isinstance(m, Linear)}
 
@@ -147,6 +149,12 @@ class CausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, (RMSNorm, Attention, MLP)):
                 module.fused = fused
+
+    def use_amx_linear(self, amx: AmxLinear | None) -> None:
+        """Run few-row bf16 matmuls (decode steps) through `amx` (None: oneDNN for all)."""
+        self.amx = amx
+        for module in self._linears.values():
+            module.amx = amx
 
     def packable(self, name: str) -> bool:
         """Whether parameter `name` has a prepacked form (on CPU in bf16/fp16)."""
@@ -187,4 +195,5 @@ class CausalLM(nn.Module):
         first). Consumers convert to float32 where they need it: greedy argmax does not."""
         if not self.config.tie_word_embeddings:
             return self.lm_head(hidden)
-        return linear(hidden, self.model.embed_tokens.weight, self.packed_output_embedding)
+        return linear(hidden, self.model.embed_tokens.weight, self.packed_output_embedding,
+                      amx=self.amx)
