@@ -132,6 +132,11 @@ def main(argv: list[str] | None = None) -> None:
     results = [_median(runs) for runs in zip(*rounds, strict=True)]
     if args.repeats > 1:
         print("seconds per round:", [[round(r.seconds, 1) for r in rnd] for rnd in rounds])
+        # The medians may come from different rounds; these pair each round with itself.
+        print("online_vs_offline per round:",
+              [round(rnd[0].seconds / rnd[2].seconds, 2) for rnd in rounds])
+        totals = [sum(rnd[i].seconds for rnd in rounds) for i in range(3)]
+        print(f"online_vs_offline over all rounds (total seconds): {totals[0] / totals[2]:.2f}")
     print(f"model: {model} ({args.dtype}, {args.device}); {args.num_prompts} prompts")
     print_table(results)
     online = results[2].output_throughput
