@@ -22,8 +22,9 @@ class EngineArgs:
     schedule_policy: str = "fcfs"
     disable_radix_cache: bool = False
     random_seed: int = 0
-    # Native AVX-512 CPU kernels (decode attention; fused norms, SwiGLU, rotary; sampling) are used
-    # where they apply; True keeps eager PyTorch ops everywhere (same results within rounding).
+    # Native CPU kernels (decode attention; fused norms, SwiGLU, rotary; sampling; AMX few-row
+    # linears) are used where they apply; True keeps eager PyTorch ops and oneDNN everywhere
+    # (same results within rounding).
     disable_native_kernels: bool = False
 
     def validate(self) -> None:

@@ -102,6 +102,7 @@ static void multiply_block(const uint16_t *w, const uint16_t *xv, int64_t k, int
             if (m_blocks == 2) _tile_dpbf16ps(3, 5, 7);
         }
     }
+    /* All four are stored: a C tile this block does not use stays zero and is never read. */
     _tile_stored(0, c, 64);
     _tile_stored(1, c + 256, 64);
     _tile_stored(2, c + 512, 64);
