@@ -18,6 +18,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -118,17 +119,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunked-prefill-size", type=int, default=DEFAULT_CHUNKED_PREFILL_SIZE)
     parser.add_argument("--port", type=int, default=31000)
     parser.add_argument("--repeats", type=int, default=1,
-                        help="run the three configurations this many times, interleaved, and "
-                             "report each one's median (the VM's speed drifts between runs)")
+                        help="run the three configurations this many times, interleaved (every "
+                             "other round in reverse order), and report each one's median and "
+                             "the ratio of total seconds (the VM's speed drifts between runs)")
     args = parser.parse_args(argv)
     model = Path(args.model_path) if args.model_path else ensure_tiny_model(args.preset)
     workload = make_workload(args.num_prompts, _vocab(model), args.seed, (64, 512), (32, 256))
-    rounds = [[
-        _offline(model, workload, args, 256, "offline engine"),
-        _offline(model, workload, args, args.concurrency,
-                 f"offline, {args.concurrency} running"),
-        run_online(model, workload, args.concurrency, args, args.port),
-    ] for _ in range(args.repeats)]
+    configurations: list[Callable[[], RunResult]] = [
+        lambda: _offline(model, workload, args, 256, "offline engine"),
+        lambda: _offline(model, workload, args, args.concurrency,
+                         f"offline, {args.concurrency} running"),
+        lambda: run_online(model, workload, args.concurrency, args, args.port),
+    ]
+    rounds = [_run_round(configurations, reverse=r % 2 == 1) for r in range(args.repeats)]
     results = [_median(runs) for runs in zip(*rounds, strict=True)]
     if args.repeats > 1:
         print("seconds per round:", [[round(r.seconds, 1) for r in rnd] for rnd in rounds])
@@ -142,6 +145,14 @@ def main(argv: list[str] | None = None) -> None:
     online = results[2].output_throughput
     print(f"online_vs_offline: {online / results[0].output_throughput:.2f}")
     print(f"online_vs_offline_same_concurrency: {online / results[1].output_throughput:.2f}")
+
+
+def _run_round(configurations: list[Callable[[], RunResult]], reverse: bool) -> list[RunResult]:
+    """One run of each configuration, returned in list order. Odd rounds run them in reverse
+    so that a drift of the VM's speed during a round does not always fall on the same one."""
+    order = list(range(len(configurations)))[::-1 if reverse else 1]
+    results = {i: configurations[i]() for i in order}
+    return [results[i] for i in range(len(configurations))]
 
 
 def _median(runs: tuple[RunResult, ...]) -> RunResult:
