@@ -26,6 +26,9 @@ class EngineArgs:
     # linears) are used where they apply; True keeps eager PyTorch ops and oneDNN everywhere
     # (same results within rounding).
     disable_native_kernels: bool = False
+    # A streamed request reports its first token, then every stream_interval-th, and its
+    # finish: fewer, larger updates for clients that do not need every token at once.
+    stream_interval: int = 1
 
     def validate(self) -> None:
         if self.schedule_policy not in SCHEDULE_POLICIES:
@@ -39,3 +42,5 @@ class EngineArgs:
             raise ValueError(f"max_total_tokens must be >= 2, got {self.max_total_tokens}")
         if self.context_length is not None and self.context_length < 2:
             raise ValueError(f"context_length must be >= 2, got {self.context_length}")
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")

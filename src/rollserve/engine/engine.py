@@ -349,9 +349,11 @@ class Engine:
         stream: bool,
     ) -> Req:
         texts = self._token_texts if item.text_in_logprobs else None
+        interval = self.args.stream_interval
 
         def emit(req: Req) -> None:
-            if stream or req.finished:
+            produced = len(req.output_ids)
+            if req.finished or (stream and (produced == 1 or produced % interval == 0)):
                 on_output(index, build_output(req, texts), req.finished)
 
         seed = item.sampling.sampling_seed

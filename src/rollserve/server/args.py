@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from rollserve.engine.args import DEFAULT_CHUNKED_PREFILL_SIZE, SCHEDULE_POLICIES, EngineArgs
+from rollserve.engine.args import DEFAULT_CHUNKED_PREFILL_SIZE, EngineArgs
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -34,6 +34,7 @@ class ServerArgs:
     disable_radix_cache: bool = False
     random_seed: int = 0
     disable_native_kernels: bool = False
+    stream_interval: int = 1
     served_model_name: str | None = None
     chat_template: str | None = None  # a Jinja template string or a path to one
     api_key: str | None = None
@@ -49,8 +50,7 @@ class ServerArgs:
                 f"tp_size={self.tp_size}: tensor parallelism is not implemented yet; use 1 "
                 "(scale out with more engines behind the router instead)"
             )
-        if self.schedule_policy not in SCHEDULE_POLICIES:
-            raise ValueError(f"schedule_policy must be one of {', '.join(SCHEDULE_POLICIES)}")
+        self.engine_args().validate()  # engine settings fail here, before anything starts
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         self.preferred_sampling_defaults()  # validates the JSON early
