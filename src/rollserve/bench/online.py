@@ -42,7 +42,7 @@ async def _stream_one(session: aiohttp.ClientSession, url: str, prompt: list[int
     return len(last["output_ids"])
 
 
-async def _run_clients(url: str, workload: Workload, concurrency: int) -> int:
+async def run_clients(url: str, workload: Workload, concurrency: int) -> int:
     gate = asyncio.Semaphore(concurrency)
     connector = aiohttp.TCPConnector(limit=concurrency)
 
@@ -68,7 +68,7 @@ def run_online(model: Path, workload: Workload, concurrency: int, args: argparse
     try:
         wait_healthy(url, server)
         start = time.perf_counter()
-        produced = asyncio.run(_run_clients(url, workload, concurrency))
+        produced = asyncio.run(run_clients(url, workload, concurrency))
         seconds = time.perf_counter() - start
     finally:
         server.terminate()
@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
                              "the ratio of total seconds (the VM's speed drifts between runs)")
     args = parser.parse_args(argv)
     model = Path(args.model_path) if args.model_path else ensure_tiny_model(args.preset)
-    workload = make_workload(args.num_prompts, _vocab(model), args.seed, (64, 512), (32, 256))
+    workload = make_workload(args.num_prompts, model_vocab_size(model), args.seed, (64, 512),
+                             (32, 256))
     configurations: list[Callable[[], RunResult]] = [
         lambda: _offline(model, workload, args, 256, "offline engine"),
         lambda: _offline(model, workload, args, args.concurrency,
@@ -160,7 +161,7 @@ def _median(runs: tuple[RunResult, ...]) -> RunResult:
     return ordered[len(ordered) // 2]
 
 
-def _vocab(model: Path) -> int:
+def model_vocab_size(model: Path) -> int:
     from rollserve.models.config import load_model_config
 
     return load_model_config(model).vocab_size

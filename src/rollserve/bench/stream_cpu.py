@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rollserve.bench.offline import make_workload
-from rollserve.bench.online import _run_clients, _vocab, wait_healthy
+from rollserve.bench.offline import Workload, make_workload
+from rollserve.bench.online import model_vocab_size, run_clients, wait_healthy
 from rollserve.models.local_cache import ensure_tiny_model
 
 BLOCKED_MODULES = ("uvloop", "httptools")
@@ -45,9 +45,8 @@ def main_thread_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def serve_and_measure(name: str, model: Path, args: argparse.Namespace,
+def serve_and_measure(name: str, model: Path, workload: Workload, args: argparse.Namespace,
                       env: dict[str, str]) -> LoopCost:
-    workload = make_workload(args.num_prompts, _vocab(model), args.seed, (16, 64), (200, 400))
     url = f"http://127.0.0.1:{args.port}"
     server = subprocess.Popen(
         [sys.executable, "-m", "rollserve.launch_server", "--model-path", str(model),
@@ -59,7 +58,7 @@ def serve_and_measure(name: str, model: Path, args: argparse.Namespace,
         wait_healthy(url, server)
         before = main_thread_cpu_seconds(server.pid)
         start = time.perf_counter()
-        events = asyncio.run(_run_clients(url, workload, args.concurrency))
+        events = asyncio.run(run_clients(url, workload, args.concurrency))
         seconds = time.perf_counter() - start
         return LoopCost(name, events, seconds, main_thread_cpu_seconds(server.pid) - before)
     finally:
@@ -86,10 +85,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=31100)
     args = parser.parse_args(argv)
     model = ensure_tiny_model(args.preset)
+    workload = make_workload(args.num_prompts, model_vocab_size(model), args.seed, (16, 64),
+                             (200, 400))
     with tempfile.TemporaryDirectory() as blocked:
         results = [
-            serve_and_measure("h11 + asyncio", model, args, blocked_imports_env(Path(blocked))),
-            serve_and_measure("httptools + uvloop", model, args, dict(os.environ)),
+            serve_and_measure("h11 + asyncio", model, workload, args,
+                              blocked_imports_env(Path(blocked))),
+            serve_and_measure("httptools + uvloop", model, workload, args, dict(os.environ)),
         ]
     print(f"model: {model}; {args.num_prompts} prompts, {args.concurrency} streams")
     print(f"{'server':<22}{'events':>9}{'seconds':>9}{'events/s':>10}{'loop CPU s':>12}"

@@ -80,7 +80,7 @@ static void store_block(const float *c, const uint16_t *bias, uint16_t *y, int64
 
 /* C[a][b] = W rows [16 a ..] x (x block b) for a < n_blocks, b < m_blocks (each 1 or 2),
  * tiles: 0-3 C (a * 2 + b), 4-5 A, 6-7 B. The next W block, `next_bytes` contiguous bytes at
- * `next` (0: none), is prefetched a 32-line slice per k-chunk: a 32-row block is exactly
+ * `next` (NULL and 0: none), is prefetched a 32-line slice per k-chunk: a 32-row block is exactly
  * k / 32 such slices, so it is all in flight by the time this block is done. */
 static void multiply_block(const uint16_t *w, const uint16_t *xv, int64_t k, int n_blocks,
                            int m_blocks, const char *next, int64_t next_bytes, float *c) {
@@ -135,9 +135,10 @@ int amx_linear(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint1
             for (int64_t mb = 0; mb < m_blocks; mb += 2) {
                 const int mbs = mb + 1 < m_blocks ? 2 : 1;
                 /* Later passes over this block find it in cache; the first fetches the next. */
-                const int64_t next_rows = pair + 1 < last && mb == 0 ? (nb + 4 <= n_blocks ? 32 : 16) : 0;
-                multiply_block(w + nb * 16 * k, xv + mb * 16 * k, k, nbs, mbs,
-                               (const char *)(w + (nb + 2) * 16 * k), next_rows * k * 2, c);
+                const int64_t next_nb = nb + 2;
+                const int64_t next_rows = pair + 1 < last && mb == 0 ? (next_nb + 1 < n_blocks ? 32 : 16) : 0;
+                const char *next = next_rows ? (const char *)(w + next_nb * 16 * k) : NULL;
+                multiply_block(w + nb * 16 * k, xv + mb * 16 * k, k, nbs, mbs, next, next_rows * k * 2, c);
                 for (int a = 0; a < nbs; a++)
                     for (int b = 0; b < mbs; b++)
                         store_block(c + (a * 2 + b) * 256, bias, y, n, (nb + a) * 16, (mb + b) * 16, m);
