@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import signal
+import socket
 import time
 
 import pytest
@@ -152,19 +153,45 @@ def test_abort_request_by_rid_finishes_with_abort(llama_server) -> None:
     assert result["meta_info"]["finish_reason"]["type"] == "abort"
 
 
-def test_client_disconnect_aborts_its_request(llama_server) -> None:
+LONG = {"max_new_tokens": 2000, "ignore_eos": True}  # seconds of decoding on the tiny model
+
+
+def generated_tokens(server) -> float:
+    for line in get(server, "/metrics").text.splitlines():
+        if line.startswith("rollserve:generation_tokens_total "):
+            return float(line.split()[1])
+    raise AssertionError("no generation token counter in /metrics")
+
+
+def wait_until_idle(server) -> None:
+    deadline = time.monotonic() + 30
+    while get(server, "/get_load").json()["num_running_reqs"] != 0:
+        assert time.monotonic() < deadline, "a request kept running"
+        time.sleep(0.05)
+
+
+def test_client_disconnect_aborts_its_streaming_request(llama_server) -> None:
+    before = generated_tokens(llama_server)
     response = requests.post(llama_server.url + "/generate", json={
-        "input_ids": [5, 6, 7], "stream": True,
-        "sampling_params": {"max_new_tokens": 1500, "ignore_eos": True}},
+        "input_ids": [5, 6, 7], "stream": True, "sampling_params": LONG},
         stream=True, proxies=NO_PROXY, timeout=60)
     next(response.iter_lines())
     response.close()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if get(llama_server, "/get_load").json()["num_running_reqs"] == 0:
-            break
-        time.sleep(0.1)
-    assert get(llama_server, "/get_load").json()["num_running_reqs"] == 0
+    wait_until_idle(llama_server)
+    assert generated_tokens(llama_server) - before < LONG["max_new_tokens"]
+
+
+def test_client_disconnect_aborts_its_non_streaming_request(llama_server) -> None:
+    before = generated_tokens(llama_server)
+    body = json.dumps({"input_ids": [5, 6, 7], "sampling_params": LONG}).encode()
+    host, port = llama_server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        while generated_tokens(llama_server) == before:  # started: now hang up
+            time.sleep(0.01)
+    wait_until_idle(llama_server)
+    assert generated_tokens(llama_server) - before < LONG["max_new_tokens"]
 
 
 def test_openai_client_chat_completions_streaming_and_models(llama_server) -> None:
