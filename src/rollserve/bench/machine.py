@@ -1,0 +1,93 @@
+"""What this machine gives a decode step right now: memory read bandwidth, how close the
+weight stream of a one-row step comes to it, and how much the matmul speed drifts.
+
+    python -m rollserve.bench.machine --seconds 10
+
+Run it next to a benchmark to read that benchmark's spread. The read bandwidth is a
+two-thread `torch.sum` over 1 GB (the peer); the weight stream is Qwen2.5-0.5B's linears and
+lm_head (988 MB, bench.linear's weights) at one row through the engine's matmul path. The
+drift probe repeats one bf16 prefill-sized matmul (oneDNN, AMX) and reports its speed in
+one-second windows: on a shared VM it moves by whole factors while the code stays the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from rollserve.bench.linear import forward_seconds, model_weights
+from rollserve.kernels.amx_linear import make_amx_linear
+from rollserve.models.linear import linear, pack
+
+READ_BYTES = 1 << 30
+DRIFT_SHAPE = (363, 896, 4864)  # rows, k, n: one prompt's chunk through a gate projection
+
+
+def read_bandwidth(threads: int, repeats: int = 5) -> float:
+    """Best-of bytes/s of summing 1 GB of float32 with `threads` threads."""
+    data = torch.ones(READ_BYTES // 4, dtype=torch.float32)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        best = min(_timed(data.sum) for _ in range(repeats))
+    finally:
+        torch.set_num_threads(previous)
+    return READ_BYTES / best
+
+
+def weight_stream(repeats: int = 5) -> tuple[float, int]:
+    """Best-of seconds for one row through every linear, and the bytes they read."""
+    weights = model_weights()
+    amx = make_amx_linear(torch.device("cpu"), torch.bfloat16)
+    seconds = min(forward_seconds(weights, 1, amx) for _ in range(repeats))
+    return seconds, sum(w.numel() * w.element_size() for w, _ in weights)
+
+
+def matmul_drift(seconds: float) -> list[float]:
+    """Median microseconds per row of the drift matmul in each one-second window."""
+    rows, k, n = DRIFT_SHAPE
+    weights = [(torch.randn(n, k) * 0.02).to(torch.bfloat16) for _ in range(4)]
+    packed = [(w, pack(w)) for w in weights]
+    x = torch.randn(rows, k).to(torch.bfloat16)
+    windows: list[float] = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        window_start, samples = time.perf_counter(), []
+        while time.perf_counter() - window_start < 1.0:
+            samples.append(_timed(lambda: [linear(x, w, p) for w, p in packed]))
+        windows.append(statistics.median(samples) / len(packed) / rows * 1e6)
+    return windows
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m rollserve.bench.machine",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args(argv)
+    one, two = read_bandwidth(1), read_bandwidth(2)
+    stream_seconds, stream_bytes = weight_stream()
+    windows = matmul_drift(args.seconds)
+    stream = stream_bytes / stream_seconds
+    print(f"{'measure':<44}{'value':>12}")
+    print(f"{'read bandwidth, 1 thread (GB/s)':<44}{one / 1e9:>12.1f}")
+    print(f"{'read bandwidth, 2 threads (GB/s)':<44}{two / 1e9:>12.1f}")
+    print(f"{'one-row weight stream (ms)':<44}{stream_seconds * 1e3:>12.1f}")
+    print(f"{'one-row weight stream (GB/s)':<44}{stream / 1e9:>12.1f}")
+    print(f"{'drift matmul, fastest second (us/row)':<44}{min(windows):>12.2f}")
+    print(f"{'drift matmul, slowest second (us/row)':<44}{max(windows):>12.2f}")
+    print("drift matmul per second (us/row): " + " ".join(f"{w:.1f}" for w in windows))
+    print(f"weight_stream_vs_read_bandwidth: {stream / two:.2f}")
+    print(f"matmul_drift_slowest_vs_fastest: {max(windows) / min(windows):.2f}")
+
+
+if __name__ == "__main__":
+    main()
