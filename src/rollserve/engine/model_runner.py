@@ -26,7 +26,7 @@ class ExtendChunk:
 
     @property
     def completes_prompt(self) -> bool:
-        return self.end == len(self.req.fill_ids)
+        return self.end == self.req.seq_len
 
     def input_logprob_positions(self) -> range:
         """Positions p whose logits give the input logprob of token p + 1."""
@@ -74,10 +74,10 @@ class ModelRunner:
         return StepLogits(logits, sample_reqs, logprob_rows)
 
     def _tokens(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = [r.fill_ids[-1] for r in batch.decodes]
-        positions = [len(r.fill_ids) - 1 for r in batch.decodes]
+        ids = [r.last_token for r in batch.decodes]
+        positions = [r.seq_len - 1 for r in batch.decodes]
         for chunk in batch.extends:
-            ids.extend(chunk.req.fill_ids[chunk.start : chunk.end])
+            ids.extend(chunk.req.fill_range(chunk.start, chunk.end))
             positions.extend(range(chunk.start, chunk.end))
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64, device=self.device)  # noqa: E731
         return as_tensor(ids), as_tensor(positions)
@@ -87,7 +87,7 @@ class ModelRunner:
         n = len(batch.decodes)
         if n:
             rows = torch.tensor([r.table_row for r in batch.decodes], device=self.device)
-            cols = torch.tensor([len(r.fill_ids) - 1 for r in batch.decodes], device=self.device)
+            cols = torch.tensor([r.seq_len - 1 for r in batch.decodes], device=self.device)
             table[rows, cols] = out_slots[:n]
         offset = n
         for chunk in batch.extends:
@@ -101,7 +101,7 @@ class ModelRunner:
         table = self.table.slots
         decode_slots = kv_lens = padding = None
         if batch.decodes:
-            lens = [len(r.fill_ids) for r in batch.decodes]
+            lens = [r.seq_len for r in batch.decodes]
             kv_lens = torch.tensor(lens, device=self.device)
             rows = torch.tensor([r.table_row for r in batch.decodes], device=self.device)
             decode_slots = table[rows, : max(lens)]

@@ -80,7 +80,23 @@ class Req:
 
     @property
     def fill_ids(self) -> list[int]:
+        """A new list: per-step code uses seq_len, last_token and fill_range, which do not
+        copy the whole sequence."""
         return self.input_ids + self.output_ids
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.input_ids) + len(self.output_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.input_ids[-1]
+
+    def fill_range(self, start: int, end: int) -> list[int]:
+        """fill_ids[start:end]."""
+        prompt = len(self.input_ids)
+        return (self.input_ids[start:end]
+                + self.output_ids[max(start - prompt, 0) : max(end - prompt, 0)])
 
     @property
     def finished(self) -> bool:
@@ -102,7 +118,7 @@ class Req:
         """How many leading prompt tokens may come from the cache: at least one token must be
         computed (its logits sample the first output), and positions whose input logprobs are
         wanted must be computed too."""
-        limit = len(self.fill_ids) - 1
+        limit = self.seq_len - 1
         if self.wants_input_logprobs:
             limit = min(limit, max(self.logprob.start_len - 1, 0))
         return limit

@@ -181,7 +181,7 @@ class Scheduler:
             if picked is None:
                 break
             req, prefix_slots = picked
-            if not self._can_hold(claimed + len(req.fill_ids) - req.kv_len, req):
+            if not self._can_hold(claimed + req.seq_len - req.kv_len, req):
                 self._unlock_prefix(req)
                 break
             self.waiting.remove(req)
@@ -211,7 +211,7 @@ class Scheduler:
         )
 
     def _match_key(self, req: Req) -> list[int]:
-        return req.fill_ids[: req.cache_match_limit()]
+        return req.fill_range(0, req.cache_match_limit())
 
     def _lock_prefix(self, req: Req) -> torch.Tensor:
         slots, node = self.cache.match_prefix(self._match_key(req))
@@ -251,7 +251,7 @@ class Scheduler:
         self.running.append(req)
 
     def _chunk(self, req: Req, budget: int) -> ExtendChunk:
-        return ExtendChunk(req, req.kv_len, min(len(req.fill_ids), req.kv_len + budget))
+        return ExtendChunk(req, req.kv_len, min(req.seq_len, req.kv_len + budget))
 
     def _secure_decode_slots(self, decodes: list[Req]) -> list[Req]:
         """Make room for one new slot per decoding request, retracting requests if needed."""
@@ -360,7 +360,7 @@ class Scheduler:
             start, stop = found
             req.stop_text_len = start + (len(stop) if params.no_stop_trim else 0)
             self._finish(req, FinishReason("stop", matched=stop))
-        elif len(req.fill_ids) >= self.config.context_len:
+        elif req.seq_len >= self.config.context_len:
             self._finish(req, FinishReason("length", length=len(req.output_ids)))
 
     def _finish(self, req: Req, reason: FinishReason) -> None:
@@ -377,7 +377,7 @@ class Scheduler:
         if self.cache.disabled or self._kv_is_stale(req):
             return
         self._insert_into_cache(req)
-        slots, node = self.cache.match_prefix(req.fill_ids[: req.kv_len])
+        slots, node = self.cache.match_prefix(req.fill_range(0, req.kv_len))
         self.cache.inc_lock_ref(node)
         self.cache.dec_lock_ref(req.tree_node)
         self.table.slots[req.table_row, : len(slots)] = slots
@@ -385,7 +385,7 @@ class Scheduler:
 
     def _insert_into_cache(self, req: Req) -> None:
         row = self.table.slots[req.table_row]
-        already = self.cache.insert(req.fill_ids[: req.kv_len], row[: req.kv_len])
+        already = self.cache.insert(req.fill_range(0, req.kv_len), row[: req.kv_len])
         # Our slots for tokens the tree already held are duplicates: give them back.
         if already > req.tree_len:
             self.pool.free(row[req.tree_len : already].clone())
