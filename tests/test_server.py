@@ -188,7 +188,9 @@ def test_client_disconnect_aborts_its_non_streaming_request(llama_server) -> Non
     with socket.create_connection((host, int(port)), timeout=10) as conn:
         conn.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        while generated_tokens(llama_server) == before:  # started: now hang up
+        deadline = time.monotonic() + 30
+        while generated_tokens(llama_server) == before:  # wait until it runs, then hang up
+            assert time.monotonic() < deadline, "the request never started"
             time.sleep(0.01)
     wait_until_idle(llama_server)
     assert generated_tokens(llama_server) - before < LONG["max_new_tokens"]

@@ -26,16 +26,15 @@ READ_BYTES = 1 << 30
 DRIFT_SHAPE = (363, 896, 4864)  # rows, k, n: one prompt's chunk through a gate projection
 
 
-def read_bandwidth(threads: int, repeats: int = 5) -> float:
-    """Best-of bytes/s of summing 1 GB of float32 with `threads` threads."""
-    data = torch.ones(READ_BYTES // 4, dtype=torch.float32)
+def read_bandwidth(data: torch.Tensor, threads: int, repeats: int = 5) -> float:
+    """Best-of bytes/s of summing `data` with `threads` threads."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         best = min(_timed(data.sum) for _ in range(repeats))
     finally:
         torch.set_num_threads(previous)
-    return READ_BYTES / best
+    return data.numel() * data.element_size() / best
 
 
 def weight_stream(repeats: int = 5) -> tuple[float, int]:
@@ -73,7 +72,9 @@ def main(argv: list[str] | None = None) -> None:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args(argv)
-    one, two = read_bandwidth(1), read_bandwidth(2)
+    data = torch.ones(READ_BYTES // 4, dtype=torch.float32)
+    one, two = read_bandwidth(data, 1), read_bandwidth(data, 2)
+    del data
     stream_seconds, stream_bytes = weight_stream()
     windows = matmul_drift(args.seconds)
     stream = stream_bytes / stream_seconds

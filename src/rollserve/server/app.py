@@ -150,7 +150,7 @@ async def _updates(
     per HTTP request waits for the disconnect: per-update polling cost a task and a timer
     for every streamed token."""
     updates = engine.stream_inputs(inputs, stream)
-    watcher = asyncio.ensure_future(_abort_on_disconnect(request, engine, inputs))
+    watcher = asyncio.create_task(_abort_on_disconnect(request, engine, inputs))
     try:
         async for update in updates:
             yield update
@@ -161,8 +161,9 @@ async def _updates(
 
 async def _abort_on_disconnect(request: Request, engine: Engine,
                                inputs: list[GenerateInput]) -> None:
-    # The body has been read, so the next ASGI message is the disconnect (uvicorn also sends
-    # it once the response is complete, by which time this task has been cancelled).
+    # Anything before the disconnect is body the handler did not read (a GET's empty one).
+    # uvicorn also reports a disconnect once the response is complete, by which time this
+    # task has been cancelled.
     while (await request.receive())["type"] != "http.disconnect":
         pass
     for item in inputs:
