@@ -104,11 +104,65 @@ def test_oversized_body_is_413(llama_server) -> None:
     ({"model": "m", "messages": []}, "messages"),
     ({"model": "m", "messages": [{"role": "wizard", "content": "hi"}]}, "role"),
     ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_p": 2}, "top_p"),
+    ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream_options": "x"},
+     "stream_options"),
+    ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": "x"},
+     "top_logprobs"),
+    ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "logprobs": "yes"},
+     "logprobs"),
+    ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "rid": 7}, "rid"),
+    ({"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, "content parts"),
 ])
 def test_bad_chat_requests_are_400(llama_server, body, fragment) -> None:
     response = post(llama_server, "/v1/chat/completions", body)
     assert response.status_code == 400
     assert fragment in response.json()["error"]["message"]
+
+
+def test_chat_content_as_text_parts_equals_the_joined_string(llama_server) -> None:
+    def chat(content) -> dict:
+        return post(llama_server, "/v1/chat/completions", {
+            "model": "m", "messages": [{"role": "user", "content": content}],
+            "max_tokens": 6, "temperature": 0}).json()
+
+    parts = chat([{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo there"}])
+    whole = chat("Hello there")
+    assert parts["usage"]["prompt_tokens"] == whole["usage"]["prompt_tokens"]
+    assert parts["choices"][0]["message"] == whole["choices"][0]["message"]
+
+
+def test_chat_without_max_tokens_generates_up_to_the_context_length(llama_server) -> None:
+    context = get(llama_server, "/model_info").json()["max_context_length"]
+    reply = post(llama_server, "/v1/chat/completions", {
+        "model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0,
+        "ignore_eos": True}).json()
+    usage = reply["usage"]
+    assert reply["choices"][0]["finish_reason"] == "length"
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == context
+    native = post(llama_server, "/generate", {
+        "input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": None, "ignore_eos": True,
+                                                    "temperature": 0}}).json()
+    assert native["meta_info"]["completion_tokens"] == context - 3
+
+
+def test_chat_rid_reaches_abort_request(llama_server) -> None:
+    import threading
+
+    result: dict = {}
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "rid": "chat-rid-1",
+            "max_tokens": 1500, "ignore_eos": True}
+    worker = threading.Thread(target=lambda: result.update(
+        post(llama_server, "/v1/chat/completions", body).json()))
+    worker.start()
+    deadline = time.monotonic() + 30
+    while get(llama_server, "/get_load").json()["num_running_reqs"] == 0:
+        assert time.monotonic() < deadline, "request never started running"
+        time.sleep(0.01)
+    assert post(llama_server, "/abort_request", {"rid": "chat-rid-1"}).json()["success"]
+    worker.join(timeout=60)
+    assert result["choices"][0]["finish_reason"] == "abort"
+    assert result["usage"]["completion_tokens"] < 1500
 
 
 def test_info_and_admin_endpoints(llama_server) -> None:
@@ -223,6 +277,25 @@ def test_openai_client_chat_completions_streaming_and_models(llama_server) -> No
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model=model, prompt="Once upon", max_tokens=6, temperature=0, stream=True) if c.choices)
     assert streamed == completion.choices[0].text
+
+
+def test_streamed_completion_logprobs_match_the_unstreamed_ones(llama_server) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=llama_server.url + "/v1", api_key="none")
+    kwargs = {"model": "m", "prompt": "Once upon", "max_tokens": 6, "temperature": 0,
+              "logprobs": 2}
+    whole = client.completions.create(**kwargs).choices[0].logprobs
+    tokens, logprobs, tops = [], [], []
+    for chunk in client.completions.create(**kwargs, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            piece = chunk.choices[0].logprobs
+            tokens += piece.tokens
+            logprobs += piece.token_logprobs
+            tops += piece.top_logprobs
+    assert tokens == whole.tokens and len(tokens) == 6
+    assert logprobs == pytest.approx(whole.token_logprobs)
+    assert [sorted(t) for t in tops] == [sorted(t) for t in whole.top_logprobs]
 
 
 def test_api_key_guards_everything_but_health(tiny_model_factory, start_server) -> None:

@@ -52,6 +52,23 @@ def test_bad_requests_raise_and_engine_keeps_serving(engine: Engine, kwargs: dic
     assert len(out["output_ids"]) <= 2
 
 
+def test_no_max_new_tokens_means_up_to_the_context_length(engine: Engine) -> None:
+    params = {"max_new_tokens": None, "ignore_eos": True, "temperature": 0.0}
+    outputs = engine.generate(input_ids=[[1, 2, 3], list(range(1, 201))],
+                              sampling_params=params)
+    assert [len(o["output_ids"]) for o in outputs] == [256 - 3, 256 - 200]
+    assert outputs[0]["meta_info"]["finish_reason"]["type"] == "length"
+
+
+def test_request_that_cannot_fit_the_kv_pool_alone_is_refused(llama_path) -> None:
+    with Engine(str(llama_path), dtype="float32", device="cpu", max_total_tokens=64) as small:
+        with pytest.raises(ValueError, match="exceeds the KV pool"):
+            small.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 100})
+        unbounded = small.generate(input_ids=[1, 2, 3], sampling_params={
+            "max_new_tokens": None, "ignore_eos": True})
+        assert len(unbounded["output_ids"]) == 64 - 3
+
+
 def test_unknown_engine_option_is_a_type_error(llama_path) -> None:
     with pytest.raises(TypeError, match="bogus"):
         Engine(str(llama_path), bogus=1)

@@ -108,6 +108,8 @@ def test_push_makes_every_engine_serve_the_trainer_weights(engines, trainer, syn
     assert torch.allclose(torch.tensor(values), pushed, atol=1e-7)
     by_get = get(engines[0], f"/get_weights_by_name?name={name}&truncate_size=3").json()
     assert by_get == values
+    unknown = post(engines[0], "/get_weights_by_name", {"name": "model.no_such.weight"})
+    assert unknown.status_code == 400 and "model.no_such.weight" in unknown.text
 
 
 def test_small_buckets_and_flattened_buckets_switch_weights_once(engines, trainer) -> None:

@@ -11,7 +11,7 @@ GREEDY_TEMPERATURE = 1e-5  # at or below this, sampling is argmax
 
 @dataclass(slots=True)
 class SamplingParams:
-    max_new_tokens: int = 128
+    max_new_tokens: int | None = 128  # None: up to the context length (resolved per prompt)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1  # -1: whole vocabulary
@@ -53,7 +53,9 @@ class SamplingParams:
         return self.temperature <= GREEDY_TEMPERATURE or self.top_k == 1
 
     def validate(self, vocab_size: int | None = None) -> None:
-        _check_type("max_new_tokens", self.max_new_tokens, int)
+        if self.max_new_tokens is not None:
+            _check_type("max_new_tokens", self.max_new_tokens, int)
+            _check(self.max_new_tokens >= 0, "max_new_tokens", "must be >= 0")
         _check_type("min_new_tokens", self.min_new_tokens, int)
         _check_type("top_k", self.top_k, int)
         _check_type("n", self.n, int)
@@ -64,7 +66,6 @@ class SamplingParams:
             _check_type(name, getattr(self, name), bool)
         if self.sampling_seed is not None:
             _check_type("sampling_seed", self.sampling_seed, int)
-        _check(self.max_new_tokens >= 0, "max_new_tokens", "must be >= 0")
         _check(self.min_new_tokens >= 0, "min_new_tokens", "must be >= 0")
         _check(self.temperature >= 0, "temperature", "must be >= 0")
         _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")

@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 LPM_MAX_QUEUE = 128  # longest-prefix-match ordering costs a tree walk per waiting request
 NEW_TOKEN_RATIO = 0.3  # share of each running request's remaining budget kept free for it
+# A budget counts at most this much towards that share (SGLang clips the same way): a request
+# without max_new_tokens has the whole context left as its budget.
+BUDGET_ESTIMATE_CLIP = 4096
 PAUSE_MODES = ("abort", "retract", "in_place")
 
 
@@ -237,7 +240,8 @@ class Scheduler:
 
     @staticmethod
     def _remaining_budget(req: Req) -> int:
-        return max(req.sampling.max_new_tokens - len(req.output_ids), 0)
+        return min(max(req.sampling.max_new_tokens - len(req.output_ids), 0),
+                   BUDGET_ESTIMATE_CLIP)
 
     def _admit(self, req: Req, prefix_slots: torch.Tensor) -> None:
         req.table_row = self.table.alloc_row()

@@ -47,6 +47,7 @@ def normalise_request(
     logprob = LogprobRequest(logprob_start_len, top_logprobs_num) if return_logprob else None
     inputs: list[GenerateInput] = []
     for ids, sampling, base_rid in zip(prompts, params, rids, strict=True):
+        sampling = _with_budget(sampling, len(ids), limits)
         _check_prompt(ids, sampling, limits)
         leader = len(inputs) if sampling.n > 1 else None
         for j in range(sampling.n):
@@ -113,6 +114,17 @@ def _rids(rid: Any, count: int, batched: bool) -> list[str]:
     return [rid]
 
 
+def _with_budget(sampling: SamplingParams, prompt_len: int, limits: RequestLimits
+                 ) -> SamplingParams:
+    """`max_new_tokens: None` (SGLang's, and OpenAI chat's default) means whatever the
+    context length, or the KV pool if smaller, leaves after the prompt. A copy: one
+    SamplingParams may serve a batch."""
+    if sampling.max_new_tokens is not None:
+        return sampling
+    room = min(limits.context_len, limits.pool_size) - prompt_len
+    return dataclasses.replace(sampling, max_new_tokens=max(room, 0))
+
+
 def _check_prompt(ids: list[int], sampling: SamplingParams, limits: RequestLimits) -> None:
     if not ids:
         raise ValueError("the prompt is empty (no tokens)")
@@ -132,6 +144,14 @@ def _check_prompt(ids: list[int], sampling: SamplingParams, limits: RequestLimit
     if len(ids) >= limits.pool_size:
         raise ValueError(
             f"prompt ({len(ids)} tokens) does not fit the KV pool ({limits.pool_size} tokens)"
+        )
+    if total > limits.pool_size:
+        # Alone in the engine it would still run out of slots, be retracted and recomputed,
+        # over and over: it could never finish.
+        raise ValueError(
+            f"prompt ({len(ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) = {total} "
+            f"exceeds the KV pool ({limits.pool_size} tokens); lower max_new_tokens or raise "
+            "max_total_tokens"
         )
 
 

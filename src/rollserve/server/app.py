@@ -26,7 +26,7 @@ import rollserve
 from rollserve.engine.engine import Engine
 from rollserve.engine.validation import GenerateInput
 from rollserve.server import openai_api
-from rollserve.server.args import ServerArgs
+from rollserve.server.args import ServerArgs, is_inline_template
 from rollserve.server.errors import RequestError, error_response
 from rollserve.server.metrics import ServerMetrics
 from rollserve.server.native import parse_generate
@@ -65,9 +65,10 @@ def build_app(engine: Engine, args: ServerArgs) -> FastAPI:
 
 
 def _load_chat_template(value: str | None) -> str | None:
-    if value and Path(value).is_file():
-        return Path(value).read_text()
-    return value
+    """The template itself, or a path's contents (ServerArgs checked it is one or the other)."""
+    if value is None or is_inline_template(value):
+        return value
+    return Path(value).read_text()
 
 
 # ---- cross-cutting ---------------------------------------------------------------------
@@ -79,10 +80,6 @@ def _install_middleware(app: FastAPI, state: ServerState) -> None:
     @app.exception_handler(RequestError)
     async def bad_request(_request: Request, exc: RequestError) -> JSONResponse:
         return error_response(str(exc), exc.status)
-
-    @app.exception_handler(ValueError)
-    async def bad_value(_request: Request, exc: ValueError) -> JSONResponse:
-        return error_response(str(exc), 400)
 
 
 class GuardMiddleware:
@@ -143,6 +140,15 @@ async def _json_body(request: Request, limit: int) -> Any:
         raise RequestError(f"malformed JSON body: {exc}") from exc
 
 
+def _prepare(engine: Engine, *args: Any, **kwargs: Any) -> tuple[bool, list[GenerateInput]]:
+    """Engine.prepare, its validation errors as 400s. Only these: any other ValueError is a
+    bug, answered 500 and logged by GuardMiddleware."""
+    try:
+        return engine.prepare(*args, **kwargs)
+    except ValueError as exc:
+        raise RequestError(str(exc)) from exc
+
+
 async def _updates(
     request: Request, engine: Engine, inputs: list[GenerateInput], stream: bool
 ) -> AsyncIterator[Update]:
@@ -200,7 +206,7 @@ def _install_native_routes(app: FastAPI, state: ServerState) -> None:
             await _json_body(request, state.args.max_request_bytes), state.sampling_defaults
         )
         stream = parsed.pop("stream")
-        batched, inputs = engine.prepare(**parsed)
+        batched, inputs = _prepare(engine, **parsed)
         single = not batched and len(inputs) == 1
         if stream:
             return StreamingResponse(
@@ -276,9 +282,9 @@ async def _openai_response(request: Request, state: ServerState,
                            parsed: openai_api.OpenAIRequest, chat: bool) -> Response:
     engine = state.engine
     want_logprobs = parsed.logprobs
-    _, inputs = engine.prepare(
-        None, parsed.sampling, parsed.prompt_ids, return_logprob=want_logprobs,
-        top_logprobs_num=parsed.top_logprobs, return_text_in_logprobs=True,
+    _, inputs = _prepare(
+        engine, None, parsed.sampling, parsed.prompt_ids, return_logprob=want_logprobs,
+        top_logprobs_num=parsed.top_logprobs, return_text_in_logprobs=True, rid=parsed.rid,
     )
     n = len(inputs) // len(parsed.prompt_ids)
     model = parsed.model or state.args.model_name
@@ -358,12 +364,15 @@ async def _stream_completion(request: Request, engine: Engine, inputs: list[Gene
     sent = [0] * len(inputs)
     finals: list[dict[str, Any]] = [{} for _ in inputs]
     base = {"id": chunk_id, "object": "text_completion", "created": created, "model": model}
+    sent_tokens = [0] * len(inputs)
     async for index, output, finished in _updates(request, engine, inputs, stream=True):
         delta = output["text"][sent[index]:]
-        sent[index] = len(output["text"])
-        if delta or finished:
+        logprobs = (openai_api.completion_logprobs(output, sent_tokens[index])
+                    if parsed.logprobs else None)
+        sent[index], sent_tokens[index] = len(output["text"]), len(output["output_ids"])
+        if delta or finished or (logprobs and logprobs["tokens"]):
             yield _sse({**base, "choices": [{
-                "index": index, "text": delta, "logprobs": None,
+                "index": index, "text": delta, "logprobs": logprobs,
                 "finish_reason": openai_api.finish_reason(output) if finished else None}]})
         if finished:
             finals[index] = output

@@ -9,9 +9,11 @@ import json
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from rollserve.engine.args import DEFAULT_CHUNKED_PREFILL_SIZE, EngineArgs
+from rollserve.engine.sampling_params import SamplingParams
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -54,6 +56,7 @@ class ServerArgs:
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         self.preferred_sampling_defaults()  # validates the JSON early
+        _check_chat_template(self.chat_template)
 
     @property
     def model_name(self) -> str:
@@ -68,6 +71,10 @@ class ServerArgs:
             raise ValueError(f"preferred_sampling_params is not valid JSON: {exc}") from exc
         if not isinstance(value, dict):
             raise ValueError("preferred_sampling_params must be a JSON object")
+        try:
+            SamplingParams.from_dict(value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"preferred_sampling_params: {exc}") from exc
         return value
 
     def engine_args(self) -> EngineArgs:
@@ -87,6 +94,23 @@ class ServerArgs:
             return cls(**vars(namespace))
         except ValueError as exc:
             parser.error(str(exc))  # exits with status 2 and the usage line
+
+
+def is_inline_template(value: str) -> bool:
+    """Whether a --chat-template value is Jinja source rather than a path (checked first: a
+    long template is no valid file name, and Path.is_file raises on one)."""
+    return "{{" in value or "{%" in value
+
+
+def _check_chat_template(value: str | None) -> None:
+    """A file, or a Jinja template given inline. Anything else (a mistyped path, one of
+    SGLang's built-in template names) would become every chat prompt verbatim."""
+    if value is None or is_inline_template(value) or Path(value).is_file():
+        return
+    raise ValueError(
+        f"chat_template {value!r} is neither an existing file nor a Jinja template; built-in "
+        "template names are not supported: pass a template file"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

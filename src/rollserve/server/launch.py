@@ -27,6 +27,7 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
         super().__init__(config)
         self.engine = engine
+        self.warm_up_failed = False
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         # Give every in-flight request its abort finish now, so responses end promptly.
@@ -39,29 +40,43 @@ def launch_server(args: ServerArgs) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = Engine(args=args.engine_args())
     app = build_app(engine, args)
-    app.router.lifespan_context = _lifespan(engine, args)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5, access_log=args.log_level == "debug")
+    server = _Server(config, engine)
+    app.router.lifespan_context = _lifespan(server, args)
     try:
-        _Server(config, engine).run()
+        server.run()
     finally:
         engine.shutdown()
+    if server.warm_up_failed:
+        raise SystemExit(1)
 
 
-def _lifespan(engine: Engine, args: ServerArgs):
+def _lifespan(server: _Server, args: ServerArgs):
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(_warm_up(app, engine, args))
+        task = asyncio.create_task(_warm_up(app, server, args))
         yield
         task.cancel()
 
     return lifespan
 
 
-async def _warm_up(app: FastAPI, engine: Engine, args: ServerArgs) -> None:
-    if not args.skip_server_warmup:
-        await engine.async_generate(input_ids=[0, 1, 2, 3],
-                                    sampling_params={"max_new_tokens": 2, "temperature": 0.0})
+async def _warm_up(app: FastAPI, server: _Server, args: ServerArgs) -> None:
+    """Marks the server ready after one generation. An engine that cannot generate stops the
+    server with exit status 1: it would otherwise answer 503 forever, silently."""
+    try:
+        if not args.skip_server_warmup:
+            output = await server.engine.async_generate(
+                input_ids=[0, 1, 2, 3], sampling_params={"max_new_tokens": 2, "temperature": 0.0}
+            )
+            reason = output["meta_info"]["finish_reason"]
+            if reason["type"] == "abort":
+                raise RuntimeError(f"warm-up generation aborted: {reason.get('message')}")
+    except Exception:
+        logger.exception("engine warm-up failed; shutting the server down")
+        server.warm_up_failed = server.should_exit = True
+        return
     app.state.server.ready = True
     logger.info("rollserve server ready: http://%s:%d (model %s)", args.host, args.port,
                 args.model_name)

@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from rollserve.server.errors import RequestError, reject_unknown_fields
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 # OpenAI name -> SGLang sampling parameter; SGLang's own extras pass through unchanged.
 RENAMED = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
            "seed": "sampling_seed", "min_tokens": "min_new_tokens"}
@@ -37,6 +38,7 @@ class OpenAIRequest:
     include_usage: bool
     logprobs: bool
     top_logprobs: int
+    rid: list[str] | None  # as on /generate: one per prompt, for /abort_request
 
 
 def parse_chat(body: Any, tokenizer: PreTrainedTokenizerBase, chat_template: str | None,
@@ -45,12 +47,7 @@ def parse_chat(body: Any, tokenizer: PreTrainedTokenizerBase, chat_template: str
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty list")
-    for i, message in enumerate(messages):
-        role = message.get("role") if isinstance(message, dict) else None
-        if role not in ROLES:
-            raise RequestError(
-                f"messages[{i}] has an unknown role {role!r}; valid roles: {', '.join(ROLES)}"
-            )
+    messages = [_message(i, m) for i, m in enumerate(messages)]
     try:
         ids = tokenizer.apply_chat_template(
             messages, chat_template=chat_template, add_generation_prompt=True, tokenize=False,
@@ -59,8 +56,33 @@ def parse_chat(body: Any, tokenizer: PreTrainedTokenizerBase, chat_template: str
     except Exception as exc:  # a template error is the request's fault (bad message shape)
         raise RequestError(f"cannot apply the chat template to these messages: {exc}") from exc
     prompt = tokenizer.encode(ids, add_special_tokens=False)
-    top = body.get("top_logprobs") or 0
-    return _request(body, [prompt], defaults, bool(body.get("logprobs")), top)
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise RequestError("'logprobs' must be a boolean")
+    top = body.get("top_logprobs")
+    if top is not None and (not _is_int(top) or not 0 <= top <= MAX_TOP_LOGPROBS):
+        raise RequestError(f"'top_logprobs' must be an integer in [0, {MAX_TOP_LOGPROBS}]")
+    # No max_tokens: generate until a stop or the context length, as SGLang and OpenAI do.
+    return _request(body, [prompt], {"max_new_tokens": None, **defaults}, bool(logprobs),
+                    top or 0)
+
+
+def _message(index: int, message: Any) -> Any:
+    """Checks the role; content given as a list of text parts (the openai client's typed
+    form) is joined into one string, as SGLang does, so string-only templates accept it."""
+    role = message.get("role") if isinstance(message, dict) else None
+    if role not in ROLES:
+        raise RequestError(
+            f"messages[{index}] has an unknown role {role!r}; valid roles: {', '.join(ROLES)}"
+        )
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    if not all(isinstance(p, dict) and p.get("type") == "text"
+               and isinstance(p.get("text"), str) for p in content):
+        raise RequestError(f"messages[{index}].content parts must all be "
+                           "{'type': 'text', 'text': ...} (this server reads text only)")
+    return {**message, "content": "".join(p["text"] for p in content)}
 
 
 def parse_completion(body: Any, tokenizer: PreTrainedTokenizerBase,
@@ -77,10 +99,15 @@ def parse_completion(body: Any, tokenizer: PreTrainedTokenizerBase,
         prompts = [list(p) for p in prompt]
     else:
         raise RequestError("'prompt' must be a string, a list of strings or token ids")
-    logprobs = body.get("logprobs")
-    top = logprobs if isinstance(logprobs, int) and not isinstance(logprobs, bool) else 0
+    logprobs = body.get("logprobs")  # completions: the number of top logprobs per token
+    if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+        raise RequestError(f"'logprobs' must be an integer in [0, {MAX_TOP_LOGPROBS}]")
     return _request(body, prompts, {"max_new_tokens": 16, **defaults}, logprobs is not None,
-                    top)
+                    logprobs or 0)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _object(body: Any) -> dict[str, Any]:
@@ -103,10 +130,17 @@ def _request(body: dict[str, Any], prompts: list[list[int]], defaults: dict[str,
         elif key in PASSED_THROUGH:
             sampling[key] = value
     options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise RequestError("'stream_options' must be an object")
+    rid = body.get("rid")
+    rid = [rid] if isinstance(rid, str) else rid
+    if rid is not None and not (isinstance(rid, list) and len(rid) == len(prompts)
+                                and all(isinstance(r, str) for r in rid)):
+        raise RequestError("'rid' must be a string, or a list of strings with one per prompt")
     return OpenAIRequest(
         model=str(body.get("model") or ""), prompt_ids=prompts, sampling=sampling,
         stream=bool(body.get("stream")), include_usage=bool(options.get("include_usage")),
-        logprobs=logprobs, top_logprobs=int(top_logprobs or 0),
+        logprobs=logprobs, top_logprobs=top_logprobs, rid=rid,
     )
 
 
@@ -136,10 +170,11 @@ def chat_logprobs(output: dict[str, Any], start: int) -> dict[str, Any]:
     return {"content": content}
 
 
-def completion_logprobs(output: dict[str, Any]) -> dict[str, Any]:
+def completion_logprobs(output: dict[str, Any], start: int = 0) -> dict[str, Any]:
+    """OpenAI completions `logprobs` for output tokens from `start` on."""
     meta = output["meta_info"]
-    tops = meta.get("output_top_logprobs") or []
-    triples = meta["output_token_logprobs"]
+    tops = (meta.get("output_top_logprobs") or [])[start:]
+    triples = meta["output_token_logprobs"][start:]
     return {
         "tokens": [t for _, _, t in triples],
         "token_logprobs": [lp for lp, _, _ in triples],

@@ -114,7 +114,10 @@ def install_weight_routes(app: FastAPI, engine: Engine, args: ServerArgs,
             f["truncate_size"] = _as_int(f["truncate_size"], "truncate_size")
         else:
             f = await fields(request, {"name": Field(str), "truncate_size": Field(int, 100)})
-        values = await asyncio.to_thread(engine.get_weights_by_name, **f)
+        try:
+            values = await asyncio.to_thread(engine.get_weights_by_name, **f)
+        except ValueError as exc:  # an unknown parameter name
+            raise RequestError(str(exc)) from exc
         return JSONResponse(values)
 
     app.add_api_route("/get_weights_by_name", get_weights_by_name, methods=["GET", "POST"])

@@ -1,0 +1,65 @@
+"""Server start-up in process, over a real engine: `/health` answers 503 until the warm-up
+generation succeeded, and an engine that cannot generate stops the server instead."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+import uvicorn
+from starlette.testclient import TestClient
+
+from rollserve import Engine, ServerArgs
+from rollserve.server.app import build_app
+from rollserve.server.launch import _Server, _warm_up
+
+
+@pytest.fixture
+def engine(llama_path):
+    with Engine(str(llama_path), device="cpu", dtype="float32", max_total_tokens=1024) as engine:
+        yield engine
+
+
+def _server_for(engine: Engine, args: ServerArgs):
+    app = build_app(engine, args)
+    return app, _Server(uvicorn.Config(app), engine)
+
+
+def test_health_is_503_until_the_warm_up_generation_succeeds(engine, llama_path) -> None:
+    args = ServerArgs(model_path=str(llama_path), device="cpu", dtype="float32")
+    app, server = _server_for(engine, args)
+    with TestClient(app) as client:
+        assert client.get("/health").status_code == 503
+        asyncio.run(_warm_up(app, server, args))
+        assert client.get("/health").status_code == 200
+    assert not server.should_exit
+
+
+def test_failed_warm_up_stops_the_server_instead_of_answering_503_forever(
+    engine, llama_path, caplog
+) -> None:
+    args = ServerArgs(model_path=str(llama_path), device="cpu", dtype="float32")
+    app, server = _server_for(engine, args)
+    # A real fault in the engine step: the embedding loses all rows but two, so the warm-up
+    # prompt's token ids index past it and the step raises.
+    embed = engine.model.model.embed_tokens
+    embed.weight = torch.nn.Parameter(embed.weight[:2].clone())
+    asyncio.run(_warm_up(app, server, args))
+    assert server.warm_up_failed and server.should_exit
+    assert not app.state.server.ready
+    assert "engine warm-up failed" in caplog.text
+
+
+def test_server_args_check_chat_template_and_preferred_sampling_params(tmp_path) -> None:
+    with pytest.raises(ValueError, match="neither an existing file nor a Jinja template"):
+        ServerArgs(model_path="m", chat_template="chatml")
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert ServerArgs(model_path="m", chat_template=str(template)).chat_template
+    long_inline = "{{ messages[0]['content'] }}" + " " * 300  # no valid file name
+    assert ServerArgs(model_path="m", chat_template=long_inline)
+    with pytest.raises(ValueError, match="tempreature"):
+        ServerArgs(model_path="m", preferred_sampling_params='{"tempreature": 0.5}')
+    with pytest.raises(ValueError, match="top_p"):
+        ServerArgs(model_path="m", preferred_sampling_params='{"top_p": 3}')
