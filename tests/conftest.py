@@ -40,7 +40,10 @@ def llama_path(tiny_model_factory) -> Path:
 class ServerProcess:
     """A real `python -m rollserve.launch_server` child process on 127.0.0.1."""
 
-    def __init__(self, model_path: Path, *extra: str, log_dir: Path) -> None:
+    def __init__(self, model_path: Path, *extra: str, log_dir: Path,
+                 launcher: tuple[str, ...] | None = None) -> None:
+        """`launcher`: the command before the flags (default: python -m
+        rollserve.launch_server)."""
         import subprocess
         import sys
 
@@ -48,7 +51,8 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log_dir / f"server-{self.port}.log"
         command = [
-            sys.executable, "-m", "rollserve.launch_server", "--model-path", str(model_path),
+            *(launcher or (sys.executable, "-m", "rollserve.launch_server")),
+            "--model-path", str(model_path),
             "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu",
             "--dtype", "float32", "--max-total-tokens", "8192", "--log-level", "warning",
             *extra,
@@ -117,11 +121,13 @@ def stop_process(process, timeout: float = 30.0) -> int:
 
 @pytest.fixture
 def start_server(tmp_path: Path):
-    """start_server(model_path, *flags) -> ready ServerProcess, stopped at teardown."""
+    """start_server(model_path, *flags, launcher=None) -> ready ServerProcess, stopped at
+    teardown."""
     started: list[ServerProcess] = []
 
-    def start(model_path: Path, *extra: str) -> ServerProcess:
-        server = ServerProcess(model_path, *extra, log_dir=tmp_path)
+    def start(model_path: Path, *extra: str,
+              launcher: tuple[str, ...] | None = None) -> ServerProcess:
+        server = ServerProcess(model_path, *extra, log_dir=tmp_path, launcher=launcher)
         started.append(server)
         server.wait_ready()
         return server

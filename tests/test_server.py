@@ -180,7 +180,8 @@ def test_info_and_admin_endpoints(llama_server) -> None:
     assert post(llama_server, "/detokenize", {"tokens": ids}).json()["text"] == "hello world"
     assert get(llama_server, "/v1/models").json()["data"][0]["object"] == "model"
     metrics = get(llama_server, "/metrics").text
-    for name in ("rollserve:num_running_reqs", "rollserve:token_usage", "rollserve:cache_hit_rate",
+    for name in ("rollserve:num_running_reqs", "rollserve:num_queue_reqs",
+                 "rollserve:token_usage", "rollserve:cache_hit_rate",
                  "rollserve:prompt_tokens_total", "rollserve:time_to_first_token_seconds_bucket",
                  "rollserve:inter_token_latency_seconds_count"):
         assert name in metrics
@@ -361,3 +362,82 @@ def test_unexpected_handler_error_answers_json_500_and_the_app_keeps_serving() -
         assert response.status_code == 500
         assert response.json()["error"]["message"] == "internal error: RuntimeError: kaput"
         assert client.get("/ok").json() == {"ok": True}
+
+
+def test_sigint_aborts_a_non_streaming_request_and_exits(tiny_model_factory,
+                                                         start_server) -> None:
+    server = start_server(tiny_model_factory("qwen2"))
+    worker, result = generate_in_background(server.url, {
+        "input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 1800, "ignore_eos": True}})
+    server.process.send_signal(signal.SIGINT)
+    worker.join(timeout=60)
+    assert result["meta_info"]["finish_reason"]["type"] == "abort"
+    assert server.process.wait(timeout=30) in (0, -signal.SIGINT)
+
+
+def test_console_script_serves_under_the_served_model_name(tiny_model_factory,
+                                                          start_server) -> None:
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "rollserve"
+    assert script.exists(), "the rollserve console script is not installed next to python"
+    server = start_server(tiny_model_factory("qwen2"), "--served-model-name", "policy-v1",
+                          "--skip-server-warmup", launcher=(str(script), "serve"))
+    assert get(server, "/v1/models").json()["data"][0]["id"] == "policy-v1"
+    reply = post(server, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).json()
+    assert reply["model"] == "policy-v1"
+    assert get(server, "/metrics").status_code == 404  # no --enable-metrics
+
+
+def test_sglang_sampling_extras_over_chat(llama_server) -> None:
+    def chat(**extra) -> dict:
+        response = post(llama_server, "/v1/chat/completions", {
+            "model": "m", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6,
+            **extra})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    greedy = chat(temperature=0, logprobs=True)
+    first_id = greedy["choices"][0]["logprobs"]["content"][0]["token"]
+    ids = post(llama_server, "/tokenize", {"prompt": first_id,
+                                           "add_special_tokens": False}).json()["tokens"]
+    stopped = chat(temperature=0, stop_token_ids=ids[:1])
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    assert stopped["choices"][0]["matched_stop"] == ids[0]
+    assert stopped["usage"]["completion_tokens"] == 1
+    seeded = [chat(temperature=1.0, seed=7, top_k=50, min_p=0.01, repetition_penalty=1.1)
+              for _ in range(2)]
+    assert seeded[0]["choices"][0]["message"] == seeded[1]["choices"][0]["message"]
+    ignored = chat(temperature=0, ignore_eos=True, max_tokens=12)
+    assert ignored["usage"]["completion_tokens"] == 12
+    assert post(llama_server, "/v1/chat/completions", {
+        "model": "m", "messages": [{"role": "user", "content": "Hello"}], "top_k": 0,
+    }).status_code == 400
+
+
+def test_abort_all_finishes_every_running_request(llama_server) -> None:
+    worker, result = generate_in_background(llama_server.url, {
+        "input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 1800, "ignore_eos": True}})
+    assert post(llama_server, "/abort_request", {"abort_all": True}).json()["success"]
+    worker.join(timeout=60)
+    assert result["meta_info"]["finish_reason"]["type"] == "abort"
+
+
+def test_completions_n_and_logprobs_and_native_batch_stream_indices(llama_server) -> None:
+    reply = post(llama_server, "/v1/completions", {
+        "model": "m", "prompt": ["Once upon", "The sky"], "max_tokens": 3, "n": 2,
+        "temperature": 0, "logprobs": 1}).json()
+    assert [c["index"] for c in reply["choices"]] == [0, 1, 2, 3]
+    assert all(len(c["logprobs"]["tokens"]) == 3 for c in reply["choices"])
+    assert reply["usage"]["completion_tokens"] == 12
+    response = requests.post(llama_server.url + "/generate", json={
+        "input_ids": [[5, 6], [7, 8, 9]], "stream": True,
+        "sampling_params": {"max_new_tokens": 3, "temperature": 0}},
+        stream=True, proxies=NO_PROXY, timeout=60)
+    events = [json.loads(line[5:]) for line in response.iter_lines(decode_unicode=True)
+              if line.startswith("data: {")]
+    finals = {e["index"]: e for e in events if e["meta_info"]["finish_reason"]}
+    assert sorted(finals) == [0, 1]
+    assert all(len(e["output_ids"]) == 3 for e in finals.values())
