@@ -225,11 +225,15 @@ def wait_until_idle(server) -> None:
         time.sleep(0.05)
 
 
-def test_client_disconnect_aborts_its_streaming_request(llama_server) -> None:
+@pytest.mark.parametrize(("path", "body"), [
+    ("/generate", {"input_ids": [5, 6, 7], "sampling_params": LONG}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "max_tokens": LONG["max_new_tokens"], "ignore_eos": True}),
+])
+def test_client_disconnect_aborts_its_streaming_request(llama_server, path, body) -> None:
     before = generated_tokens(llama_server)
-    response = requests.post(llama_server.url + "/generate", json={
-        "input_ids": [5, 6, 7], "stream": True, "sampling_params": LONG},
-        stream=True, proxies=NO_PROXY, timeout=60)
+    response = requests.post(llama_server.url + path, json={**body, "stream": True},
+                             stream=True, proxies=NO_PROXY, timeout=60)
     next(response.iter_lines())
     response.close()
     wait_until_idle(llama_server)
