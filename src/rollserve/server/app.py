@@ -195,6 +195,26 @@ def _sse(payload: Any) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
+def _event_stream(request: Request, frames: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(_ending_with_error_event(request, frames),
+                             media_type="text/event-stream")
+
+
+async def _ending_with_error_event(request: Request, frames: AsyncIterator[bytes]
+                                   ) -> AsyncIterator[bytes]:
+    """A failure after the stream has begun cannot become a 500 any more: as SGLang does, it
+    ends the stream with an error event and [DONE] (the openai client raises on the event),
+    and is logged. The requests are aborted as the frames' generator closes."""
+    try:
+        async for frame in frames:
+            yield frame
+    except Exception as exc:
+        logger.exception("internal error while streaming %s", request.url.path)
+        yield _sse({"error": {"message": f"internal error: {type(exc).__name__}: {exc}",
+                              "type": "internal_error", "code": 500}})
+        yield SSE_DONE
+
+
 # ---- native API ------------------------------------------------------------------------
 
 def _install_native_routes(app: FastAPI, state: ServerState) -> None:
@@ -209,9 +229,7 @@ def _install_native_routes(app: FastAPI, state: ServerState) -> None:
         batched, inputs = _prepare(engine, **parsed)
         single = not batched and len(inputs) == 1
         if stream:
-            return StreamingResponse(
-                _stream_native(request, engine, inputs, single), media_type="text/event-stream"
-            )
+            return _event_stream(request, _stream_native(request, engine, inputs, single))
         outputs = await _collect(request, engine, inputs)
         if outputs is None:
             return error_response("client disconnected", 499)
@@ -291,7 +309,7 @@ async def _openai_response(request: Request, state: ServerState,
     if parsed.stream:
         frames = (_stream_chat if chat else _stream_completion)(
             request, engine, inputs, parsed, model, n)
-        return StreamingResponse(frames, media_type="text/event-stream")
+        return _event_stream(request, frames)
     outputs = await _collect(request, engine, inputs)
     if outputs is None:
         return error_response("client disconnected", 499)

@@ -1,9 +1,11 @@
-"""Server start-up in process, over a real engine: `/health` answers 503 until the warm-up
-generation succeeded, and an engine that cannot generate stops the server instead."""
+"""The server in process, over a real engine: `/health` answers 503 until the warm-up
+generation succeeded, an engine that cannot generate stops the server instead, and a failure
+after a stream has begun ends it with an error event."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 import torch
@@ -63,3 +65,29 @@ def test_server_args_check_chat_template_and_preferred_sampling_params(tmp_path)
         ServerArgs(model_path="m", preferred_sampling_params='{"tempreature": 0.5}')
     with pytest.raises(ValueError, match="top_p"):
         ServerArgs(model_path="m", preferred_sampling_params='{"top_p": 3}')
+
+
+def test_failure_after_a_stream_began_ends_it_with_an_error_event(engine, llama_path,
+                                                                  monkeypatch) -> None:
+    from rollserve.server import openai_api
+
+    args = ServerArgs(model_path=str(llama_path), device="cpu", dtype="float32")
+    app, _ = _server_for(engine, args)
+
+    def broken(output: dict) -> str:
+        raise RuntimeError("framing bug")
+
+    # A bug in framing the last chunk: the role and content chunks have gone out by then.
+    monkeypatch.setattr(openai_api, "finish_reason", broken)
+    with TestClient(app) as client:
+        with client.stream("POST", "/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                "stream": True}) as response:
+            lines = [line for line in response.iter_lines() if line]
+        assert response.status_code == 200
+        assert json.loads(lines[0][5:])["object"] == "chat.completion.chunk"
+        assert lines[-1] == "data: [DONE]"
+        assert "framing bug" in json.loads(lines[-2][5:])["error"]["message"]
+        served = client.post("/generate", json={"input_ids": [1, 2, 3],
+                                                "sampling_params": {"max_new_tokens": 2}})
+        assert len(served.json()["output_ids"]) == 2
