@@ -379,6 +379,16 @@ def test_sigint_aborts_a_non_streaming_request_and_exits(tiny_model_factory,
     assert server.process.wait(timeout=30) in (0, -signal.SIGINT)
 
 
+def test_start_up_logs_model_dtype_device_kv_pool_and_one_ready_line(tiny_model_factory,
+                                                                   start_server) -> None:
+    server = start_server(tiny_model_factory("qwen2"), "--log-level", "info")
+    log = server.log.read_text()
+    loaded = next(line for line in log.splitlines() if "KV pool:" in line)
+    assert "dtype=float32" in loaded and "device=cpu" in loaded and "8192 tokens" in loaded
+    ready = [line for line in log.splitlines() if "server ready:" in line]
+    assert len(ready) == 1 and server.url in ready[0]
+
+
 def test_console_script_serves_under_the_served_model_name(tiny_model_factory,
                                                           start_server) -> None:
     import sys
