@@ -38,7 +38,8 @@ def llama_path(tiny_model_factory) -> Path:
 
 
 class ServerProcess:
-    """A real `python -m rollserve.launch_server` child process on 127.0.0.1."""
+    """A real server child process on 127.0.0.1 (`python -m rollserve.launch_server` unless
+    another launcher is given)."""
 
     def __init__(self, model_path: Path, *extra: str, log_dir: Path,
                  launcher: tuple[str, ...] | None = None) -> None:

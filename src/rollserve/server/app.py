@@ -379,15 +379,14 @@ async def _stream_completion(request: Request, engine: Engine, inputs: list[Gene
                              parsed: openai_api.OpenAIRequest, model: str, n: int
                              ) -> AsyncIterator[bytes]:
     chunk_id, created = openai_api.new_id("cmpl"), openai_api.now()
-    sent = [0] * len(inputs)
+    sent_text, sent_tokens = [0] * len(inputs), [0] * len(inputs)
     finals: list[dict[str, Any]] = [{} for _ in inputs]
     base = {"id": chunk_id, "object": "text_completion", "created": created, "model": model}
-    sent_tokens = [0] * len(inputs)
     async for index, output, finished in _updates(request, engine, inputs, stream=True):
-        delta = output["text"][sent[index]:]
+        delta = output["text"][sent_text[index]:]
         logprobs = (openai_api.completion_logprobs(output, sent_tokens[index])
                     if parsed.logprobs else None)
-        sent[index], sent_tokens[index] = len(output["text"]), len(output["output_ids"])
+        sent_text[index], sent_tokens[index] = len(output["text"]), len(output["output_ids"])
         if delta or finished or (logprobs and logprobs["tokens"]):
             yield _sse({**base, "choices": [{
                 "index": index, "text": delta, "logprobs": logprobs,
