@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from rollserve.openmp_spin import configure_engine_process
 from rollserve.process import free_port
 
+# Before any test module imports torch: the suite's engines share the machine's cores.
+configure_engine_process()
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -1,9 +1,30 @@
 """rollserve: LLM generation serving for reinforcement-learning and post-training jobs."""
 
-from rollserve.engine.args import EngineArgs
-from rollserve.engine.engine import Engine
-from rollserve.engine.sampling_params import SamplingParams
-from rollserve.server.args import ServerArgs
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rollserve.engine.args import EngineArgs
+    from rollserve.engine.engine import Engine
+    from rollserve.engine.sampling_params import SamplingParams
+    from rollserve.server.args import ServerArgs
 
 __all__ = ["Engine", "EngineArgs", "SamplingParams", "ServerArgs"]
 __version__ = "0.1.0"
+
+# Loaded on first use: importing the package must not import torch, so that an engine
+# process can configure OpenMP first (rollserve.openmp_spin).
+_EXPORTS = {
+    "Engine": "rollserve.engine.engine",
+    "EngineArgs": "rollserve.engine.args",
+    "SamplingParams": "rollserve.engine.sampling_params",
+    "ServerArgs": "rollserve.server.args",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'rollserve' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)

@@ -55,15 +55,20 @@ class Engine:
             keep_freed_memory()
         self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or args.model_path)
         self._token_texts = TokenTexts(self.tokenizer)
-        self._build_model()
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         # Weight installs waiting for the engine to drain (engine thread only).
         self._pending_installs: list[tuple[Callable[[], None], concurrent.futures.Future]] = []
         # One update at a time: receives must follow the trainer's broadcast order.
         self._update_lock = threading.Lock()
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="rollserve-engine", daemon=True)
+        built: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, args=(built,), name="rollserve-engine",
+                                        daemon=True)
         self._thread.start()
+        error = built.exception()  # waits for the build
+        if error is not None:
+            self._thread.join()  # the thread ends with a failed build: none is left behind
+            raise error
 
     def _build_model(self) -> None:
         args = self.args
@@ -294,7 +299,8 @@ class Engine:
         with self._update_lock:
             self.weights.check(specs, group_name, load_format)
             tensors = self.weights.receive(specs, group_name, load_format)
-            return self._apply(tensors, apply, flush_cache, weight_version, abort_all_requests)
+            return self._apply(tensors, True, apply, flush_cache, weight_version,
+                               abort_all_requests)
 
     def update_weights_from_tensor(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], flush_cache: bool = True,
@@ -302,9 +308,11 @@ class Engine:
         apply: bool = True,
     ) -> str:
         """Install in-memory tensors (same checks as update_weights_from_distributed)."""
+        tensors = list(named_tensors)
         with self._update_lock:
-            tensors = self.weights.from_tensors(list(named_tensors))
-            return self._apply(tensors, apply, flush_cache, weight_version, abort_all_requests)
+            self.weights.check_tensors(tensors)  # they belong to the sender: copied
+            return self._apply(tensors, False, apply, flush_cache, weight_version,
+                               abort_all_requests)
 
     def update_weights_from_disk(
         self, model_path: str, flush_cache: bool = True, weight_version: str | None = None,
@@ -314,7 +322,8 @@ class Engine:
         ValueError and the current weights keep serving."""
         with self._update_lock:
             tensors = self.weights.read_checkpoint(model_path)
-            return self._apply(tensors, True, flush_cache, weight_version, abort_all_requests)
+            return self._apply(tensors, False, True, flush_cache, weight_version,
+                               abort_all_requests)
 
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
         return self._call(lambda: self.weights.read(name, truncate_size))
@@ -370,8 +379,11 @@ class Engine:
             req.input_top_logprobs.append(None)
         return req
 
-    def _apply(self, weights: NamedTensors, apply: bool, flush_cache: bool,
+    def _apply(self, weights: NamedTensors, owned: bool, apply: bool, flush_cache: bool,
                weight_version: str | None, abort_all_requests: bool) -> str:
+        """`owned`: nobody else holds `weights`, so those already in the model's dtype are
+        adopted without a copy."""
+        weights = self._call(lambda: self.weights.prepare(weights, owned))
         if not apply:
             self.weights.stage(weights)
             return f"staged {len(weights)} tensors; they take effect with the next update"
@@ -427,6 +439,23 @@ class Engine:
             except concurrent.futures.TimeoutError:
                 if not self._thread.is_alive() and not future.done():
                     raise RuntimeError("the engine is shut down") from None
+
+    def _run(self, built: concurrent.futures.Future[None]) -> None:
+        """The engine thread: builds the model, then runs the loop.
+
+        Invariant: the model's tensor work runs on this thread only (weight casts included).
+        OpenMP keeps a team of workers per thread that ever ran a parallel region, and once
+        the process has more team threads than cores, libgomp stops spinning between regions:
+        every kernel then pays a sleep and wake-up, ~20-50 us, hundreds of times per step
+        (`python -m rollserve.bench.openmp_teams`). Loading on the caller's thread left its
+        team behind for the life of the process."""
+        try:
+            self._build_model()
+        except BaseException as exc:
+            built.set_exception(exc)
+            return
+        built.set_result(None)
+        self._loop()
 
     def _loop(self) -> None:
         while not self._stopped.is_set():

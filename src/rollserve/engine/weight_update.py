@@ -1,12 +1,13 @@
 """Engine-side weight updates: the weight-sync groups, receiving broadcast tensors, reading
 replacement checkpoints, and installing new weights into the model.
 
-Threading: receiving, checkpoint reading and casting to the model's dtype run on the
-caller's thread, so the engine keeps generating on the old weights meanwhile; `install` runs
-on the engine thread between steps (Engine schedules it) and swaps the new tensors in, all at
-once, without copying. Their oneDNN-prepacked forms follow on the engine thread
-(`pack_some`): packing during the broadcast competed with it for the CPU, and the plain
-matmul path gives bit-identical results meanwhile, so new weights serve at once.
+Threading: receiving and checkpoint reading run on the caller's thread, so the engine keeps
+generating on the old weights meanwhile. Everything that computes on tensors runs on the
+engine thread between steps (Engine schedules it; see Engine._run for why): `prepare` casts
+and copies what arrived, `install` swaps the new tensors in, all at once, without copying.
+Their oneDNN-prepacked forms follow (`pack_some`): packing during the broadcast competed with
+it for the CPU, and the plain matmul path gives bit-identical results meanwhile, so new
+weights serve at once.
 
 On CPU the weights an update replaces become the next update's receive buffers: the process
 keeps freed memory anyway (cpu_memory.keep_freed_memory), and fresh buffers page-faulted in
@@ -100,13 +101,12 @@ class WeightUpdater:
             flat = torch.empty(sum(s.numel for s in specs),
                                dtype=specs[0].dtype, device=self.device)
             dist.broadcast(flat, src=0, group=group)
-            received = self._prepare_all(_split_flat(flat, specs), owned=True)
+            received = _split_flat(flat, specs)
         else:
-            buffers = [(s.name, self._buffer(s)) for s in specs]
-            handles = [dist.broadcast(t, src=0, group=group, async_op=True) for _, t in buffers]
+            received = [(s.name, self._buffer(s)) for s in specs]
+            handles = [dist.broadcast(t, src=0, group=group, async_op=True) for _, t in received]
             for handle in handles:
                 handle.wait()
-            received = self._prepare_all(buffers, owned=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the engine thread reads them next
         return received
@@ -126,11 +126,9 @@ class WeightUpdater:
         self.staged.clear()
         return list(merged.items())
 
-    def from_tensors(self, tensors: NamedTensors) -> NamedTensors:
-        """In-memory tensors (update_weights_from_tensor), checked and copied: they belong
-        to the sender."""
+    def check_tensors(self, tensors: NamedTensors) -> None:
+        """In-memory tensors (update_weights_from_tensor) against the model's table."""
         self.table.check(TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors)
-        return self._prepare_all(tensors, owned=False)
 
     def read_checkpoint(self, model_path: str) -> NamedTensors:
         """A whole replacement checkpoint, checked against the model, read into memory."""
@@ -143,18 +141,7 @@ class WeightUpdater:
         if missing:
             raise ValueError(f"checkpoint {model_path!r} lacks tensors: "
                              f"{', '.join(sorted(missing))}")
-        return self._prepare_all(tensors, owned=False)
-
-    def _prepare_all(self, tensors: NamedTensors, owned: bool) -> NamedTensors:
-        """Checked tensors as the model will hold them. `owned`: nobody else uses the tensor,
-        so it may become the parameter without a copy when its dtype already matches."""
-        out = []
-        for name, tensor in tensors:
-            if name == LM_HEAD_NAME and self.table.tie_word_embeddings:
-                continue  # the embedding is the output projection; SGLang skips it too
-            param = self.params[name]
-            out.append((name, tensor.to(self.device, param.dtype, copy=not owned).contiguous()))
-        return out
+        return tensors
 
     def _check_config(self, model_path: str) -> None:
         ours, theirs = self.model.config, load_model_config(model_path)
@@ -167,6 +154,17 @@ class WeightUpdater:
                              f"(differs in: {', '.join(differ)})")
 
     # ---- engine thread ------------------------------------------------------------------
+
+    def prepare(self, tensors: NamedTensors, owned: bool) -> NamedTensors:
+        """Checked tensors as the model will hold them. `owned`: nobody else uses the tensor,
+        so it may become the parameter without a copy when its dtype already matches."""
+        out = []
+        for name, tensor in tensors:
+            if name == LM_HEAD_NAME and self.table.tie_word_embeddings:
+                continue  # the embedding is the output projection; SGLang skips it too
+            param = self.params[name]
+            out.append((name, tensor.to(self.device, param.dtype, copy=not owned).contiguous()))
+        return out
 
     def install(self, weights: NamedTensors) -> None:
         """Swap prepared weights in; their prepacked forms are made later by pack_some."""
