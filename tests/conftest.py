@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from rollserve.openmp_spin import configure_engine_process
 from rollserve.process import free_port
 
-# Before any test module imports torch: the suite's engines share the machine's cores.
-configure_engine_process()
+# Set before any test module imports torch (importing rollserve does not), and inherited by
+# the servers tests start: the suite runs engines side by side on the same cores, where
+# libgomp's default spin (~5 ms per idle worker after every kernel) makes them spin against
+# each other; ~50 us does not (README, "Engine"; BENCHMARKS.md).
+os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -14,8 +14,9 @@ if TYPE_CHECKING:
 __all__ = ["Engine", "EngineArgs", "SamplingParams", "ServerArgs"]
 __version__ = "0.1.0"
 
-# Loaded on first use: importing the package must not import torch, so that an engine
-# process can configure OpenMP first (rollserve.openmp_spin).
+# Loaded on first use: importing the package must not import torch, so that a process can
+# still set libgomp's environment, which it reads when torch loads it (the test suite sets
+# GOMP_SPINCOUNT this way: README, "Engine").
 _EXPORTS = {
     "Engine": "rollserve.engine.engine",
     "EngineArgs": "rollserve.engine.args",

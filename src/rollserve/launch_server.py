@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from rollserve.openmp_spin import configure_engine_process
+from rollserve.server.args import ServerArgs
+from rollserve.server.launch import launch_server
 
 
 def main(argv: list[str] | None = None) -> None:
-    configure_engine_process()
-    # Imported here, after the OpenMP setting: these load torch.
-    from rollserve.server.args import ServerArgs
-    from rollserve.server.launch import launch_server
-
     launch_server(ServerArgs.from_cli(argv))
 
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import aiohttp
@@ -58,13 +59,15 @@ async def run_clients(url: str, workload: Workload, concurrency: int) -> int:
 
 
 def run_online(model: Path, workload: Workload, concurrency: int, args: argparse.Namespace,
-               port: int) -> RunResult:
+               port: int, env: Mapping[str, str] | None = None,
+               name: str | None = None) -> RunResult:
+    """One server process (with `env` added to this process's environment) and the clients."""
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "rollserve.launch_server", "--model-path", str(model),
                "--port", str(port), "--dtype", args.dtype, "--device", args.device,
                "--max-total-tokens", str(args.num_prompts * 800), "--disable-radix-cache",
                "--chunked-prefill-size", str(args.chunked_prefill_size), "--log-level", "warning"]
-    server = subprocess.Popen(command)
+    server = subprocess.Popen(command, env={**os.environ, **(env or {})})
     try:
         wait_healthy(url, server)
         start = time.perf_counter()
@@ -74,7 +77,7 @@ def run_online(model: Path, workload: Workload, concurrency: int, args: argparse
         server.terminate()
         server.wait(timeout=60)
     assert produced == workload.output_tokens, "server produced fewer tokens than asked"
-    return RunResult(f"http, {concurrency} streams", len(workload.prompts),
+    return RunResult(name or f"http, {concurrency} streams", len(workload.prompts),
                      workload.input_tokens, produced, seconds)
 
 
