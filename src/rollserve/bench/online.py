@@ -109,9 +109,9 @@ def _offline(model: Path, workload: Workload, args: argparse.Namespace, cap: int
                      result.seconds)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m rollserve.bench.online",
-                                     description=__doc__.split("\n\n")[0])
+def workload_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The model, workload, client and server options of the online benchmarks."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--preset", default="qwen2.5-0.5b")
     parser.add_argument("--model-path")
     parser.add_argument("--num-prompts", type=int, default=128)
@@ -121,14 +121,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--chunked-prefill-size", type=int, default=DEFAULT_CHUNKED_PREFILL_SIZE)
     parser.add_argument("--port", type=int, default=31000)
+    return parser
+
+
+def online_workload(args: argparse.Namespace) -> tuple[Path, Workload]:
+    """The model and bench.offline's workload for it, from workload_parser's options."""
+    model = Path(args.model_path) if args.model_path else ensure_tiny_model(args.preset)
+    return model, make_workload(args.num_prompts, model_vocab_size(model), args.seed,
+                                (64, 512), (32, 256))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = workload_parser("python -m rollserve.bench.online", __doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=1,
                         help="run the three configurations this many times, interleaved (every "
                              "other round in reverse order), and report each one's median and "
                              "the ratio of total seconds (the VM's speed drifts between runs)")
     args = parser.parse_args(argv)
-    model = Path(args.model_path) if args.model_path else ensure_tiny_model(args.preset)
-    workload = make_workload(args.num_prompts, model_vocab_size(model), args.seed, (64, 512),
-                             (32, 256))
+    model, workload = online_workload(args)
     configurations: list[Callable[[], RunResult]] = [
         lambda: _offline(model, workload, args, 256, "offline engine"),
         lambda: _offline(model, workload, args, args.concurrency,

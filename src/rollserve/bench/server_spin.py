@@ -12,35 +12,18 @@ on bench.online's workload and clients.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
-from rollserve.bench.offline import RunResult, make_workload, print_table
-from rollserve.bench.online import model_vocab_size, run_online
-from rollserve.engine.args import DEFAULT_CHUNKED_PREFILL_SIZE
-from rollserve.models.local_cache import ensure_tiny_model
+from rollserve.bench.offline import RunResult, print_table
+from rollserve.bench.online import online_workload, run_online, workload_parser
 
 DEFAULT_SPIN = 300000  # libgomp's own default
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m rollserve.bench.server_spin",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="qwen2.5-0.5b")
-    parser.add_argument("--model-path")
-    parser.add_argument("--num-prompts", type=int, default=128)
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--chunked-prefill-size", type=int, default=DEFAULT_CHUNKED_PREFILL_SIZE)
-    parser.add_argument("--port", type=int, default=31000)
+    parser = workload_parser("python -m rollserve.bench.server_spin", __doc__.split("\n\n")[0])
     parser.add_argument("--short-spin", type=int, default=3000)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
-    model = Path(args.model_path) if args.model_path else ensure_tiny_model(args.preset)
-    workload = make_workload(args.num_prompts, model_vocab_size(model), args.seed, (64, 512),
-                             (32, 256))
+    model, workload = online_workload(args)
     spins = [DEFAULT_SPIN, args.short_spin]
     runs: dict[int, list[RunResult]] = {spin: [] for spin in spins}
     for round_index in range(args.repeats):
