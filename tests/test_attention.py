@@ -47,3 +47,25 @@ def test_extend_attention_matches_float64_reference(dtype, tolerance, prefix, q_
     ref = _reference(q, k_cache[0][:, slots], v_cache[0][:, slots], prefix)
     assert out.dtype == dtype and out.shape == q.shape
     assert ((out.double() - ref).norm() / ref.norm()).item() < tolerance
+
+
+def test_engine_steps_run_sdpa_without_cudnn_and_restore_the_flag(llama_path, monkeypatch) -> None:
+    """cuDNN's SDPA plans every new length pair (tens of ms on an H100): engine steps leave it
+    out, and only for their own duration (the flag is process-wide)."""
+    from rollserve import Engine
+    from rollserve.models import attention
+
+    seen: list[bool] = []
+    sdpa = attention.F.scaled_dot_product_attention
+
+    def recording_sdpa(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", recording_sdpa)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with Engine(str(llama_path), device="cpu", max_total_tokens=2048) as engine:
+        engine.generate(input_ids=[[1, 2, 3], [4, 5, 6, 7, 8]],
+                        sampling_params={"max_new_tokens": 4})
+    assert seen and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()

@@ -10,7 +10,7 @@ import torch
 from rollserve.engine.kv_pool import KVPool, ReqToTokenTable
 from rollserve.engine.request import Req
 from rollserve.kernels.decode_attention import DecodeAttention
-from rollserve.models.attention import AttentionBatch, ExtendSpan
+from rollserve.models.attention import AttentionBatch, ExtendSpan, attention_backends
 from rollserve.models.llama import CausalLM
 
 
@@ -68,7 +68,8 @@ class ModelRunner:
         input_ids, positions = self._tokens(batch)
         self._record_slots(batch, out_slots)
         attention = self._attention_batch(batch, positions, out_slots)
-        hidden = self.model(input_ids, attention)
+        with attention_backends():
+            hidden = self.model(input_ids, attention)
         rows, sample_reqs, logprob_rows = self._logit_rows(batch)
         logits = self.model.compute_logits(hidden[rows.to(self.device)])
         return StepLogits(logits, sample_reqs, logprob_rows)

@@ -9,14 +9,20 @@ size, see _causal_padding).
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rollserve.kernels.decode_attention import DecodeAttention
 
 _SDPA_BF16_BLOCK = 32
+# cuDNN's SDPA builds an execution plan for every new (query length, key length) pair, 54-97
+# ms each on an H100 (BENCHMARKS.md, "CUDA"); extend lengths rarely repeat, so it would pay
+# that on almost every call. The CPU never picks cuDNN: leaving it out changes nothing there.
+_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass(slots=True)
@@ -42,6 +48,13 @@ class AttentionBatch:
     k_cache: torch.Tensor  # [layers, kv_heads, slots, head_dim]
     v_cache: torch.Tensor
     decode_kernel: DecodeAttention | None = None  # None: the PyTorch path below
+
+
+def attention_backends() -> AbstractContextManager:
+    """Wraps a forward pass: SDPA without cuDNN. The flags are process-wide, so the engine sets
+    them per step (~15 us) rather than for its lifetime, which would also bind other threads
+    of the process (a colocated trainer's)."""
+    return sdpa_kernel(_SDPA_BACKENDS)
 
 
 def paged_attention(
