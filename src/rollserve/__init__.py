@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from rollserve.engine.args import EngineArgs
     from rollserve.engine.engine import Engine
+    from rollserve.engine.engine_process import EngineProcess
     from rollserve.engine.sampling_params import SamplingParams
     from rollserve.server.args import ServerArgs
 
-__all__ = ["Engine", "EngineArgs", "SamplingParams", "ServerArgs"]
+__all__ = ["Engine", "EngineArgs", "EngineProcess", "SamplingParams", "ServerArgs"]
 __version__ = "0.1.0"
 
 # Loaded on first use: importing the package must not import torch, so that a process can
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Engine": "rollserve.engine.engine",
     "EngineArgs": "rollserve.engine.args",
+    "EngineProcess": "rollserve.engine.engine_process",
     "SamplingParams": "rollserve.engine.sampling_params",
     "ServerArgs": "rollserve.server.args",
 }

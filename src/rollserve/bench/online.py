@@ -137,6 +137,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="run the three configurations this many times, interleaved (every "
                              "other round in reverse order), and report each one's median and "
                              "the ratio of total seconds (the VM's speed drifts between runs)")
+    parser.add_argument("--peer-src", type=Path,
+                        help="also run the server from this source tree (say, an earlier "
+                             "commit's `src`, from `git worktree add`) as a fourth row, "
+                             "interleaved with the others")
     args = parser.parse_args(argv)
     model, workload = online_workload(args)
     configurations: list[Callable[[], RunResult]] = [
@@ -145,6 +149,11 @@ def main(argv: list[str] | None = None) -> None:
                          f"offline, {args.concurrency} running"),
         lambda: run_online(model, workload, args.concurrency, args, args.port),
     ]
+    if args.peer_src:
+        peer_env = {"PYTHONPATH": os.pathsep.join(
+            [str(args.peer_src.resolve()), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        configurations.append(lambda: run_online(model, workload, args.concurrency, args,
+                                                 args.port, peer_env, "http, peer src"))
     rounds = [_run_round(configurations, reverse=r % 2 == 1) for r in range(args.repeats)]
     results = [_median(runs) for runs in zip(*rounds, strict=True)]
     if args.repeats > 1:
@@ -152,8 +161,12 @@ def main(argv: list[str] | None = None) -> None:
         # The medians may come from different rounds; these pair each round with itself.
         print("online_vs_offline per round:",
               [round(rnd[0].seconds / rnd[2].seconds, 2) for rnd in rounds])
-        totals = [sum(rnd[i].seconds for rnd in rounds) for i in range(3)]
+        totals = [sum(rnd[i].seconds for rnd in rounds) for i in range(len(configurations))]
         print(f"online_vs_offline over all rounds (total seconds): {totals[0] / totals[2]:.2f}")
+        print("online_vs_offline_same_concurrency over all rounds (total seconds): "
+              f"{totals[1] / totals[2]:.2f}")
+        if args.peer_src:
+            print(f"http_vs_peer_src over all rounds (total seconds): {totals[3] / totals[2]:.2f}")
     print(f"model: {model} ({args.dtype}, {args.device}); {args.num_prompts} prompts")
     print_table(results)
     online = results[2].output_throughput

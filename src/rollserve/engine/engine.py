@@ -3,20 +3,20 @@ scheduler loop on one background thread; callers submit from any thread or event
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import copy
 import json
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from transformers import AutoTokenizer
 
+from rollserve.engine.api import GenerationAPI, OnOutput
 from rollserve.engine.args import EngineArgs
 from rollserve.engine.cpu_memory import keep_freed_memory
 from rollserve.engine.detokenizer import IncrementalDetokenizer
@@ -27,7 +27,7 @@ from rollserve.engine.output import TokenTexts, build_output
 from rollserve.engine.radix_cache import RadixCache
 from rollserve.engine.request import Req
 from rollserve.engine.scheduler import Scheduler, SchedulerConfig
-from rollserve.engine.validation import GenerateInput, RequestLimits, normalise_request
+from rollserve.engine.validation import GenerateInput, RequestLimits
 from rollserve.engine.weight_update import DEFAULT_GROUP, NamedTensors, WeightUpdater
 from rollserve.kernels.amx_linear import make_amx_linear
 from rollserve.kernels.decode_attention import make_decode_attention
@@ -35,18 +35,21 @@ from rollserve.kernels.elementwise import make_fused_elementwise
 from rollserve.kernels.sampling import make_native_sampling
 from rollserve.models.config import load_model_config
 from rollserve.models.loader import load_model, resolve_device, resolve_dtype
+from rollserve.tensor_ipc import deserialize_named_tensors
 from rollserve.weight_specs import parse_specs
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 PACKS_PER_STEP = 8  # prepacked forms made per step after an update while requests run
-Prompt = str | list[str] | None
-TokenIds = list[int] | list[list[int]] | None
 
 
-class Engine:
+class Engine(GenerationAPI):
     def __init__(self, model_path: str | None = None, **kwargs: Any) -> None:
+        """`kwargs`: EngineArgs fields, or `args=EngineArgs(...)`; and `after_pass`, called on
+        the engine thread after every pass of its loop (commands, then a step) and once when
+        it stops, for a caller that ships each step's outputs together (`EngineProcess`)."""
+        self._after_pass: Callable[[], None] = kwargs.pop("after_pass", None) or (lambda: None)
         args = kwargs.pop("args", None) or EngineArgs(model_path=model_path, **kwargs)
         args.validate()
         self.args = args
@@ -116,100 +119,8 @@ class Engine:
 
     # ---- public API ---------------------------------------------------------------------
 
-    def generate(
-        self, prompt: Prompt = None, sampling_params: dict | list[dict] | None = None,
-        input_ids: TokenIds = None, return_logprob: bool = False, logprob_start_len: int = -1,
-        top_logprobs_num: int = 0, return_text_in_logprobs: bool = False,
-        rid: str | list[str] | None = None,
-    ) -> dict[str, Any] | list[dict[str, Any]]:
-        """Blocking generation. A single prompt with n == 1 returns one dict; otherwise a
-        list, prompt-major with n samples each (index i * n + j)."""
-        batched, inputs = self.prepare(
-            prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
-            top_logprobs_num, return_text_in_logprobs, rid,
-        )
-        done = [concurrent.futures.Future() for _ in inputs]
-
-        def on_output(i: int, output: dict[str, Any], finished: bool) -> None:
-            if finished:
-                done[i].set_result(output)
-
-        self.submit(inputs, on_output, stream=False)
-        outputs = [f.result() for f in done]
-        return outputs if batched or len(outputs) > 1 else outputs[0]
-
-    async def async_generate(
-        self, prompt: Prompt = None, sampling_params: dict | list[dict] | None = None,
-        input_ids: TokenIds = None, return_logprob: bool = False, logprob_start_len: int = -1,
-        top_logprobs_num: int = 0, return_text_in_logprobs: bool = False,
-        rid: str | list[str] | None = None,
-    ) -> dict[str, Any] | list[dict[str, Any]]:
-        """`generate` for asyncio code."""
-        batched, inputs = self.prepare(
-            prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
-            top_logprobs_num, return_text_in_logprobs, rid,
-        )
-        outputs: list[dict[str, Any]] = [{} for _ in inputs]
-        async for index, output, finished in self.stream_inputs(inputs, stream=False):
-            if finished:
-                outputs[index] = output
-        return outputs if batched or len(outputs) > 1 else outputs[0]
-
-    async def stream(
-        self, prompt: Prompt = None, sampling_params: dict | list[dict] | None = None,
-        input_ids: TokenIds = None, return_logprob: bool = False, logprob_start_len: int = -1,
-        top_logprobs_num: int = 0, return_text_in_logprobs: bool = False,
-        rid: str | list[str] | None = None,
-    ) -> AsyncIterator[tuple[int, dict[str, Any], bool]]:
-        """Yields (index, cumulative output, finished) after every step that advanced a
-        request (index as in `generate`'s list)."""
-        _, inputs = self.prepare(
-            prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
-            top_logprobs_num, return_text_in_logprobs, rid,
-        )
-        async for update in self.stream_inputs(inputs, stream=True):
-            yield update
-
-    async def stream_inputs(
-        self, inputs: list[GenerateInput], stream: bool
-    ) -> AsyncIterator[tuple[int, dict[str, Any], bool]]:
-        """Submit prepared inputs and yield their updates; leaving early (or being
-        cancelled) aborts the requests still running, freeing their KV slots."""
-        loop = asyncio.get_running_loop()
-        updates: asyncio.Queue[tuple[int, dict[str, Any], bool]] = asyncio.Queue()
-
-        def on_output(i: int, output: dict[str, Any], finished: bool) -> None:
-            loop.call_soon_threadsafe(updates.put_nowait, (i, output, finished))
-
-        self.submit(inputs, on_output, stream=stream)
-        remaining = len(inputs)
-        try:
-            while remaining:
-                update = await updates.get()
-                remaining -= update[2]
-                yield update
-        finally:
-            if remaining:
-                for item in inputs:
-                    self.abort(item.rid)
-
-    def prepare(
-        self, prompt: Prompt, sampling_params: dict | list[dict] | None, input_ids: TokenIds,
-        return_logprob: bool = False, logprob_start_len: int = -1, top_logprobs_num: int = 0,
-        return_text_in_logprobs: bool = False, rid: str | list[str] | None = None,
-    ) -> tuple[bool, list[GenerateInput]]:
-        """Validate and normalise a generate call; raises ValueError naming the problem."""
-        return normalise_request(
-            self.tokenizer, self.limits, prompt, sampling_params, input_ids, return_logprob,
-            logprob_start_len, top_logprobs_num, return_text_in_logprobs, rid,
-        )
-
-    def submit(
-        self, inputs: list[GenerateInput], on_output: Callable[[int, dict, bool], None],
-        stream: bool,
-    ) -> None:
-        """Queue prepared inputs. `on_output(index, output, finished)` runs on the engine
-        thread: after every step when streaming, else only when the request finishes."""
+    def submit(self, inputs: list[GenerateInput], on_output: OnOutput, stream: bool) -> None:
+        """`on_output` runs on the engine thread."""
         reqs = [self._make_req(i, item, on_output, stream) for i, item in enumerate(inputs)]
         for req, item in zip(reqs, inputs, strict=True):
             if item.leader_index is not None:
@@ -314,6 +225,15 @@ class Engine:
             return self._apply(tensors, False, apply, flush_cache, weight_version,
                                abort_all_requests)
 
+    def update_weights_from_serialized(
+        self, payload: str, load_format: str | None = None, **update: Any
+    ) -> str:
+        """`update_weights_from_tensor` for SGLang's serialized tensors (the HTTP endpoint's
+        form), opened in this process: CUDA IPC handles only open where the engine runs."""
+        return self.update_weights_from_tensor(
+            deserialize_named_tensors(payload, load_format), **update
+        )
+
     def update_weights_from_disk(
         self, model_path: str, flush_cache: bool = True, weight_version: str | None = None,
         abort_all_requests: bool = False,
@@ -354,8 +274,7 @@ class Engine:
     # ---- engine thread ------------------------------------------------------------------
 
     def _make_req(
-        self, index: int, item: GenerateInput, on_output: Callable[[int, dict, bool], None],
-        stream: bool,
+        self, index: int, item: GenerateInput, on_output: OnOutput, stream: bool
     ) -> Req:
         texts = self._token_texts if item.text_in_logprobs else None
         interval = self.args.stream_interval
@@ -473,6 +392,9 @@ class Engine:
                 # Fail the requests in flight, never the engine: later requests still run.
                 logger.exception("engine step failed; aborting the requests in flight")
                 self.scheduler.abort_all("internal error in the engine step (see server log)")
+            self._after_pass()
+        self._drain_commands(block=False)  # shutdown's abort_all: its outputs go out below
+        self._after_pass()
         for _, future in self._pending_installs:
             future.set_exception(RuntimeError("engine shut down before the update applied"))
 

@@ -7,7 +7,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from rollserve.engine.request import Logprob, Req
+from rollserve.engine.request import FinishReason, Logprob, Req
+from rollserve.engine.validation import GenerateInput
 
 
 @dataclass(slots=True)
@@ -50,3 +51,20 @@ def _triples(pairs: list[Logprob], token_texts: TokenTexts | None) -> list[list[
     if token_texts is None:
         return [[lp, tid, None] for lp, tid in pairs]
     return [[lp, tid, token_texts(tid)] for lp, tid in pairs]
+
+
+def lost_output(item: GenerateInput, last: dict[str, Any] | None, message: str
+                ) -> dict[str, Any]:
+    """The final output of a request whose engine went away: the last output it streamed
+    (an empty one if none), finished with an abort."""
+    if last is None:
+        meta: dict[str, Any] = {
+            "id": item.rid, "prompt_tokens": len(item.input_ids), "completion_tokens": 0,
+            "cached_tokens": 0, "e2e_latency": None, "weight_version": None,
+        }
+        if item.logprob is not None:
+            meta.update(output_token_logprobs=[], output_top_logprobs=[],
+                        input_token_logprobs=[], input_top_logprobs=[])
+        last = {"text": "", "output_ids": [], "meta_info": meta}
+    finish = FinishReason("abort", message=message).to_dict()
+    return {**last, "meta_info": {**last["meta_info"], "finish_reason": finish}}

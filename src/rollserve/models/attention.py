@@ -19,9 +19,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from rollserve.kernels.decode_attention import DecodeAttention
 
 _SDPA_BF16_BLOCK = 32
-# cuDNN's SDPA builds an execution plan for every new (query length, key length) pair, 54-97
-# ms each on an H100 (BENCHMARKS.md, "CUDA"); extend lengths rarely repeat, so it would pay
-# that on almost every call. The CPU never picks cuDNN: leaving it out changes nothing there.
+# cuDNN's SDPA builds an execution plan for every new (query length, key length) pair, tens
+# of ms each on an H100; extend lengths rarely repeat, so it paid that on almost every call
+# (bench.offline's prefill steps: 11.8 s with it, 1.4 s without; BENCHMARKS.md, "On a CUDA
+# GPU"). The CPU never picks cuDNN: leaving it out changes nothing there.
 _SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 

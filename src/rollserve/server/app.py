@@ -23,7 +23,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import rollserve
-from rollserve.engine.engine import Engine
+from rollserve.engine.engine_process import AnyEngine
 from rollserve.engine.validation import GenerateInput
 from rollserve.server import openai_api
 from rollserve.server.args import ServerArgs, is_inline_template
@@ -39,7 +39,7 @@ Update = tuple[int, dict[str, Any], bool]
 
 @dataclass(slots=True)
 class ServerState:
-    engine: Engine
+    engine: AnyEngine
     args: ServerArgs
     chat_template: str | None
     sampling_defaults: dict[str, Any]
@@ -48,7 +48,7 @@ class ServerState:
     started: float = field(default_factory=time.time)
 
 
-def build_app(engine: Engine, args: ServerArgs) -> FastAPI:
+def build_app(engine: AnyEngine, args: ServerArgs) -> FastAPI:
     state = ServerState(
         engine, args, _load_chat_template(args.chat_template),
         args.preferred_sampling_defaults(),
@@ -140,8 +140,8 @@ async def _json_body(request: Request, limit: int) -> Any:
         raise RequestError(f"malformed JSON body: {exc}") from exc
 
 
-def _prepare(engine: Engine, *args: Any, **kwargs: Any) -> tuple[bool, list[GenerateInput]]:
-    """Engine.prepare, its validation errors as 400s. Only these: any other ValueError is a
+def _prepare(engine: AnyEngine, *args: Any, **kwargs: Any) -> tuple[bool, list[GenerateInput]]:
+    """engine.prepare, its validation errors as 400s. Only these: any other ValueError is a
     bug, answered 500 and logged by GuardMiddleware."""
     try:
         return engine.prepare(*args, **kwargs)
@@ -150,7 +150,7 @@ def _prepare(engine: Engine, *args: Any, **kwargs: Any) -> tuple[bool, list[Gene
 
 
 async def _updates(
-    request: Request, engine: Engine, inputs: list[GenerateInput], stream: bool
+    request: Request, engine: AnyEngine, inputs: list[GenerateInput], stream: bool
 ) -> AsyncIterator[Update]:
     """Engine updates for `inputs`; aborts them when the client goes away. One watcher task
     per HTTP request waits for the disconnect: per-update polling cost a task and a timer
@@ -165,7 +165,7 @@ async def _updates(
         await updates.aclose()  # aborts whatever is still running
 
 
-async def _abort_on_disconnect(request: Request, engine: Engine,
+async def _abort_on_disconnect(request: Request, engine: AnyEngine,
                                inputs: list[GenerateInput]) -> None:
     # Anything before the disconnect is body the handler did not read (a GET's empty one).
     # uvicorn also reports a disconnect once the response is complete, by which time this
@@ -176,7 +176,7 @@ async def _abort_on_disconnect(request: Request, engine: Engine,
         engine.abort(item.rid)
 
 
-async def _collect(request: Request, engine: Engine, inputs: list[GenerateInput]
+async def _collect(request: Request, engine: AnyEngine, inputs: list[GenerateInput]
                    ) -> list[dict[str, Any]] | None:
     """Final outputs, or None when the client went away (its requests were aborted)."""
     outputs: list[dict[str, Any]] = [{} for _ in inputs]
@@ -262,7 +262,7 @@ def _install_native_routes(app: FastAPI, state: ServerState) -> None:
         return JSONResponse({"text": engine.tokenizer.decode(tokens)})
 
 
-async def _stream_native(request: Request, engine: Engine, inputs: list[GenerateInput],
+async def _stream_native(request: Request, engine: AnyEngine, inputs: list[GenerateInput],
                          single: bool) -> AsyncIterator[bytes]:
     async for index, output, _finished in _updates(request, engine, inputs, stream=True):
         yield _sse(output if single else {**output, "index": index})
@@ -341,7 +341,7 @@ def _completion_choice(index: int, output: dict[str, Any], logprobs: bool) -> di
     }
 
 
-async def _stream_chat(request: Request, engine: Engine, inputs: list[GenerateInput],
+async def _stream_chat(request: Request, engine: AnyEngine, inputs: list[GenerateInput],
                        parsed: openai_api.OpenAIRequest, model: str, n: int
                        ) -> AsyncIterator[bytes]:
     chunk_id, created = openai_api.new_id("chatcmpl"), openai_api.now()
@@ -375,7 +375,7 @@ async def _stream_chat(request: Request, engine: Engine, inputs: list[GenerateIn
     yield SSE_DONE
 
 
-async def _stream_completion(request: Request, engine: Engine, inputs: list[GenerateInput],
+async def _stream_completion(request: Request, engine: AnyEngine, inputs: list[GenerateInput],
                              parsed: openai_api.OpenAIRequest, model: str, n: int
                              ) -> AsyncIterator[bytes]:
     chunk_id, created = openai_api.new_id("cmpl"), openai_api.now()
@@ -428,10 +428,10 @@ def _install_admin_routes(app: FastAPI, state: ServerState) -> None:
         }
 
     def server_info() -> dict[str, Any]:
+        stats = engine.stats()
         return {**args.to_dict(), "tp_size": args.tp_size, "dp_size": 1,
                 "version": rollserve.__version__, "weight_version": engine.weight_version,
-                "max_total_num_tokens": engine.pool.size,
-                "internal_states": [engine.stats()]}
+                "max_total_num_tokens": stats["kv_pool_size"], "internal_states": [stats]}
 
     for path in ("/model_info", "/get_model_info"):
         app.add_api_route(path, lambda: JSONResponse(model_info()), methods=["GET"])

@@ -16,7 +16,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from rollserve.engine.engine import Engine
+from rollserve.engine.engine_process import LOG_FORMAT, AnyEngine, EngineProcess
 from rollserve.server.app import build_app
 from rollserve.server.args import ServerArgs
 
@@ -24,7 +24,7 @@ logger = logging.getLogger("rollserve.server")
 
 
 class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
+    def __init__(self, config: uvicorn.Config, engine: AnyEngine) -> None:
         super().__init__(config)
         self.engine = engine
         self.warm_up_failed = False
@@ -36,9 +36,16 @@ class _Server(uvicorn.Server):
 
 
 def launch_server(args: ServerArgs) -> None:
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = Engine(args=args.engine_args())
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    exited: list[bool] = []  # the engine process died under the server
+    server: _Server | None = None
+
+    def engine_exited() -> None:
+        exited.append(True)
+        if server is not None:
+            server.should_exit = True
+
+    engine = EngineProcess(args.engine_args(), logging.getLogger().level, engine_exited)
     app = build_app(engine, args)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5, access_log=args.log_level == "debug")
@@ -48,7 +55,7 @@ def launch_server(args: ServerArgs) -> None:
         server.run()
     finally:
         engine.shutdown()
-    if server.warm_up_failed:
+    if server.warm_up_failed or exited:
         raise SystemExit(1)
 
 

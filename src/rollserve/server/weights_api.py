@@ -17,11 +17,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from rollserve.engine.engine import Engine
+from rollserve.engine.engine_process import AnyEngine
 from rollserve.engine.weight_update import DEFAULT_GROUP, FLATTENED_BUCKET
 from rollserve.server.args import ServerArgs
 from rollserve.server.errors import RequestError, reject_unknown_fields
-from rollserve.tensor_ipc import deserialize_named_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ UPDATE_FIELDS = {
 }
 
 
-def install_weight_routes(app: FastAPI, engine: Engine, args: ServerArgs,
+def install_weight_routes(app: FastAPI, engine: AnyEngine, args: ServerArgs,
                           read_json: JsonReader) -> None:
     default_backend = "nccl" if engine.device.type == "cuda" else "gloo"
 
@@ -90,8 +89,8 @@ def install_weight_routes(app: FastAPI, engine: Engine, args: ServerArgs,
             raise RequestError("'serialized_named_tensors' must hold one base64 string per "
                                "tensor-parallel rank")
         # One entry per TP rank; this engine is rank 0.
-        return await _run(lambda: engine.update_weights_from_tensor(
-            deserialize_named_tensors(payloads[0], load_format), **f))
+        return await _run(lambda: engine.update_weights_from_serialized(
+            payloads[0], load_format, **f))
 
     @app.post("/update_weights_from_disk")
     async def update_weights_from_disk(request: Request) -> JSONResponse:

@@ -1,0 +1,362 @@
+"""`EngineProcess`: an `Engine` in a child process, driven over a pipe.
+
+The HTTP server runs its engine this way, as SGLang runs its scheduler: the event loop and
+the engine thread then never wait on one interpreter lock. A GPU engine's step is Python
+launching kernels, so every event the loop streamed was time taken from the engine
+(BENCHMARKS.md, "Online (HTTP) vs offline engine").
+
+Messages, parent to child: ("submit", batch, inputs, stream), ("abort", rid),
+("abort_all", message), ("call", call_id, method, args, kwargs), ("shutdown",).
+Child to parent: ("ready", EngineInfo) or ("failed", exception) once, then
+("outputs", [(batch, index, output, finished), ...]) after every pass of the engine loop
+that produced any, and ("result", call_id, exception or None, value).
+Invariants: a batch's callback is dropped after its last finished output; when the child
+dies, every unfinished request still gets its finish (an abort) and every pending call
+raises.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import itertools
+import logging
+import multiprocessing
+import pickle
+import signal
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer
+
+from rollserve.engine.api import GenerationAPI, OnOutput
+from rollserve.engine.args import EngineArgs
+from rollserve.engine.engine import Engine
+from rollserve.engine.latency import Histogram
+from rollserve.engine.output import lost_output
+from rollserve.engine.validation import GenerateInput, RequestLimits
+from rollserve.models.config import ModelConfig
+from rollserve.tensor_ipc import serialize_named_tensors
+
+logger = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+Output = tuple[int, int, dict[str, Any], bool]  # batch, index, output, finished
+
+
+@dataclass(slots=True, frozen=True)
+class EngineInfo:
+    """What the parent needs without asking: set once the model is loaded."""
+
+    model_config: ModelConfig
+    context_len: int
+    limits: RequestLimits
+    device: str
+
+
+@dataclass(slots=True)
+class _Batch:
+    on_output: OnOutput
+    inputs: list[GenerateInput]
+    unfinished: set[int]
+    last: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+
+class EngineProcess(GenerationAPI):
+    """The `Engine` calls the server makes, answered by an engine in a child process.
+    Requests are validated and tokenized here; `on_output` callbacks run on this process's
+    reader thread. `on_exit` runs there too if the child dies while this object is open."""
+
+    def __init__(self, args: EngineArgs, log_level: int = logging.INFO,
+                 on_exit: Callable[[], None] | None = None) -> None:
+        args.validate()
+        self.args = args
+        context = multiprocessing.get_context("spawn")  # a forked torch is unsafe
+        self._conn, child_conn = context.Pipe()
+        self._process = context.Process(target=_serve, args=(args, child_conn, log_level),
+                                        name="rollserve-engine", daemon=True)
+        self._process.start()
+        child_conn.close()  # the child's end lives in the child only: its exit is our EOF
+        info = self._await_start()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or args.model_path)
+        except BaseException:
+            self._process.kill()  # loaded, but unusable without its tokenizer here
+            self._process.join()
+            raise
+        self.model_config, self.context_len = info.model_config, info.context_len
+        self.limits, self.device = info.limits, torch.device(info.device)
+        self._on_exit = on_exit
+        self._send_lock = threading.Lock()
+        self._state_lock = threading.Lock()  # guards the three below
+        self._batches: dict[int, _Batch] = {}
+        self._calls: dict[int, concurrent.futures.Future] = {}
+        self._exited: str | None = None  # why the child is gone, once it is
+        self._closing = False
+        self._ids = itertools.count()
+        self._reader = threading.Thread(target=self._read, name="rollserve-engine-reader",
+                                        daemon=True)
+        self._reader.start()
+
+    def _await_start(self) -> EngineInfo:
+        try:
+            kind, value = self._conn.recv()
+        except EOFError:
+            self._process.join()
+            raise RuntimeError(f"the engine process exited with code {self._process.exitcode} "
+                               "while loading the model (its log is above)") from None
+        if kind == "failed":
+            self._process.join()
+            raise value
+        return value
+
+    # ---- generation ---------------------------------------------------------------------
+
+    def submit(self, inputs: list[GenerateInput], on_output: OnOutput, stream: bool) -> None:
+        batch = next(self._ids)
+        with self._state_lock:
+            if self._exited is not None:
+                raise RuntimeError(self._exited)
+            self._batches[batch] = _Batch(on_output, inputs, set(range(len(inputs))))
+        self._send(("submit", batch, inputs, stream))
+
+    def abort(self, rid: str) -> None:
+        self._send(("abort", rid), required=False)
+
+    def abort_all(self, message: str = "aborted by request") -> None:
+        self._send(("abort_all", message), required=False)
+
+    # ---- everything else, answered by the child's Engine --------------------------------
+
+    def flush_cache(self) -> int:
+        return self._call("flush_cache")
+
+    def stats(self) -> dict[str, Any]:
+        return self._call("stats")
+
+    def latency_histograms(self) -> dict[str, Histogram]:
+        return self._call("latency_histograms")
+
+    @property
+    def weight_version(self) -> str:
+        return self._call("weight_version")
+
+    def weights_metadata(self) -> dict[str, Any]:
+        return self._call("weights_metadata")
+
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
+        return self._call("get_weights_by_name", name, truncate_size)
+
+    def init_weights_update_group(self, **group: Any) -> None:
+        self._call("init_weights_update_group", **group)
+
+    def destroy_weights_update_group(self, **group: Any) -> None:
+        self._call("destroy_weights_update_group", **group)
+
+    def update_weights_from_distributed(self, **update: Any) -> str:
+        return self._call("update_weights_from_distributed", **update)
+
+    def update_weights_from_serialized(self, payload: str, load_format: str | None = None,
+                                       **update: Any) -> str:
+        return self._call("update_weights_from_serialized", payload, load_format, **update)
+
+    def update_weights_from_tensor(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                                   **update: Any) -> str:
+        """The tensors cross as SGLang's serialized form: CPU storages move to shared
+        memory, CUDA ones travel as IPC handles."""
+        return self.update_weights_from_serialized(serialize_named_tensors(named_tensors),
+                                                   **update)
+
+    def update_weights_from_disk(self, **update: Any) -> str:
+        return self._call("update_weights_from_disk", **update)
+
+    def pause_generation(self, mode: str = "abort") -> None:
+        self._call("pause_generation", mode)
+
+    def continue_generation(self) -> None:
+        self._call("continue_generation")
+
+    def shutdown(self) -> None:
+        """Requests in flight finish with an abort; returns once the child has exited."""
+        with self._state_lock:
+            if self._closing:
+                return
+            self._closing = True
+        self._send(("shutdown",), required=False)
+        self._process.join(timeout=60)
+        if self._process.is_alive():
+            logger.error("the engine process did not stop within 60 s; killing it")
+            self._process.kill()
+            self._process.join()
+        self._reader.join(timeout=30)
+        self._conn.close()
+
+    def __enter__(self) -> EngineProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ---- the pipe -----------------------------------------------------------------------
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        call_id = next(self._ids)
+        with self._state_lock:
+            if self._exited is not None:
+                raise RuntimeError(self._exited)
+            self._calls[call_id] = future
+        self._send(("call", call_id, method, args, kwargs))
+        return future.result()
+
+    def _send(self, message: tuple, required: bool = True) -> None:
+        """`required`: raise if the child is gone (an abort then has nothing left to do)."""
+        try:
+            with self._send_lock:
+                self._conn.send(message)
+        except (OSError, ValueError):  # ValueError: our end is closed already
+            if required:
+                raise RuntimeError("the engine process has exited") from None
+
+    def _read(self) -> None:
+        try:
+            while True:
+                kind, *body = self._conn.recv()
+                if kind == "outputs":
+                    self._deliver(body[0])
+                else:  # "result"
+                    call_id, error, value = body
+                    future = self._calls.pop(call_id)
+                    if error is not None:
+                        future.set_exception(error)
+                    else:
+                        future.set_result(value)
+        except (EOFError, OSError):
+            pass
+        self._process.join(timeout=30)
+        self._fail_everything(f"the engine process exited (code {self._process.exitcode})")
+
+    def _deliver(self, outputs: list[Output]) -> None:
+        for batch_id, index, output, finished in outputs:
+            batch = self._batches[batch_id]
+            batch.on_output(index, output, finished)
+            if finished:
+                batch.unfinished.discard(index)
+                if not batch.unfinished:
+                    del self._batches[batch_id]
+            else:
+                batch.last[index] = output
+
+    def _fail_everything(self, reason: str) -> None:
+        with self._state_lock:
+            self._exited = reason
+            batches, self._batches = self._batches, {}
+            calls, self._calls = self._calls, {}
+            unexpected = not self._closing
+        if unexpected:
+            logger.error("%s; failing %d requests in flight", reason,
+                         sum(len(b.unfinished) for b in batches.values()))
+        for batch in batches.values():
+            for index in sorted(batch.unfinished):
+                batch.on_output(index, lost_output(batch.inputs[index], batch.last.get(index),
+                                                   reason), True)
+        for future in calls.values():
+            future.set_exception(RuntimeError(reason))
+        if unexpected and self._on_exit is not None:
+            self._on_exit()
+
+
+# What the server runs over: its own engine process, or an in-process Engine (tests, and
+# programs that embed the app).
+AnyEngine = Engine | EngineProcess
+
+
+# ---- the child ----------------------------------------------------------------------------
+
+def _serve(args: EngineArgs, conn: Connection, log_level: int) -> None:
+    """The child's main: build the engine, then follow the parent's messages until it says
+    shutdown or goes away."""
+    # Ctrl-C reaches the whole process group; the parent decides when the engine stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format=LOG_FORMAT)
+    outputs: list[Output] = []  # engine thread only
+
+    def ship_outputs() -> None:
+        if outputs:
+            _send(conn, send_lock, ("outputs", outputs.copy()))
+            outputs.clear()
+
+    send_lock = threading.Lock()
+    try:
+        engine = Engine(args=args, after_pass=ship_outputs)
+    except BaseException as exc:
+        _send(conn, send_lock, ("failed", _picklable(exc)))
+        return
+    info = EngineInfo(engine.model_config, engine.context_len, engine.limits, str(engine.device))
+    _send(conn, send_lock, ("ready", info))
+    try:
+        _follow(engine, conn, send_lock, outputs)
+    finally:
+        engine.shutdown()  # aborts what still runs; its last pass ships those outputs
+        conn.close()
+
+
+def _follow(engine: Engine, conn: Connection, send_lock: threading.Lock,
+            outputs: list[Output]) -> None:
+    while True:
+        try:
+            kind, *body = conn.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        if kind == "submit":
+            batch, inputs, stream = body
+            engine.submit(inputs, _collector(outputs, batch), stream)
+        elif kind == "abort":
+            engine.abort(body[0])
+        elif kind == "abort_all":
+            engine.abort_all(body[0])
+        elif kind == "call":  # may block for long (a weight update waits for the trainer)
+            threading.Thread(target=_answer, args=(engine, conn, send_lock, *body),
+                             daemon=True).start()
+        else:  # "shutdown"
+            return
+
+
+def _collector(outputs: list[Output], batch: int) -> OnOutput:
+    def collect(index: int, output: dict[str, Any], finished: bool) -> None:
+        outputs.append((batch, index, output, finished))
+
+    return collect
+
+
+def _answer(engine: Engine, conn: Connection, send_lock: threading.Lock, call_id: int,
+            method: str, args: tuple, kwargs: dict[str, Any]) -> None:
+    try:
+        attribute = getattr(engine, method)
+        value = attribute(*args, **kwargs) if callable(attribute) else attribute
+        reply = ("result", call_id, None, value)
+    except Exception as exc:
+        reply = ("result", call_id, _picklable(exc), None)
+    _send(conn, send_lock, reply)
+
+
+def _send(conn: Connection, lock: threading.Lock, message: tuple) -> None:
+    try:
+        with lock:
+            conn.send(message)
+    except OSError:
+        pass  # the parent is gone: the receive loop sees it and stops the engine
+
+
+def _picklable(exc: BaseException) -> BaseException:
+    """`exc` itself when it survives the pipe (a ValueError stays a ValueError, for the
+    server's 400s), else a RuntimeError with its text."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")

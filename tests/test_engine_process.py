@@ -1,0 +1,142 @@
+"""`EngineProcess` (the server's engine, in a child process) answers like the in-process
+`Engine`, and never leaves a request or a caller waiting: not at shutdown, not when the
+child dies, not when the model fails to load."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import psutil
+import pytest
+import torch
+
+from rollserve import Engine
+from rollserve.engine.args import EngineArgs
+from rollserve.engine.engine_process import EngineProcess
+
+OPTIONS = {"device": "cpu", "dtype": "float32", "max_total_tokens": 4096}
+GREEDY = {"temperature": 0.0, "max_new_tokens": 12, "ignore_eos": True}
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12]]
+
+
+@pytest.fixture(scope="module")
+def engine_process(llama_path):
+    with EngineProcess(EngineArgs(model_path=str(llama_path), **OPTIONS)) as engine:
+        yield engine
+
+
+def _child_pids() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def test_outputs_and_streams_equal_the_in_process_engine(engine_process, llama_path) -> None:
+    with Engine(str(llama_path), **OPTIONS) as engine:
+        expected = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY,
+                                   return_logprob=True)
+    got = engine_process.generate(input_ids=PROMPTS, sampling_params=GREEDY,
+                                  return_logprob=True)
+    assert [o["output_ids"] for o in got] == [o["output_ids"] for o in expected]
+    assert [o["meta_info"]["output_token_logprobs"] for o in got] == [
+        o["meta_info"]["output_token_logprobs"] for o in expected]
+
+    async def stream() -> list[int]:
+        produced = []
+        async for _, output, _ in engine_process.stream(input_ids=PROMPTS[0],
+                                                        sampling_params=GREEDY):
+            produced.append(len(output["output_ids"]))
+        return produced
+
+    import asyncio
+
+    assert asyncio.run(stream()) == list(range(1, 13))
+
+
+def test_calls_return_values_and_raise_the_engines_errors(engine_process) -> None:
+    stats = engine_process.stats()
+    assert stats["kv_pool_size"] == 4096 and stats["num_running_reqs"] == 0
+    assert engine_process.weight_version == "default"
+    assert engine_process.flush_cache() >= 0
+    with pytest.raises(ValueError, match="not a parameter of this model"):
+        engine_process.get_weights_by_name("no.such.weight")
+    assert engine_process.device.type == "cpu" and engine_process.context_len > 0
+
+
+def test_tensor_updates_reach_the_engine_in_the_child(engine_process) -> None:
+    name = "model.norm.weight"
+    original = torch.tensor(engine_process.get_weights_by_name(name, truncate_size=10**6))
+    message = engine_process.update_weights_from_tensor(
+        [(name, torch.full_like(original, 0.5))], weight_version="v1")
+    try:
+        assert "weight_version=v1" in message and engine_process.weight_version == "v1"
+        assert engine_process.get_weights_by_name(name, truncate_size=4) == [0.5] * 4
+    finally:  # the module's other tests expect the checkpoint's weights
+        engine_process.update_weights_from_tensor([(name, original)],
+                                                  weight_version="default")
+
+
+def test_shutdown_finishes_requests_in_flight_with_an_abort(llama_path) -> None:
+    finished = threading.Event()
+    finals: list[dict] = []
+    engine = EngineProcess(EngineArgs(model_path=str(llama_path), **OPTIONS))
+    pid = engine._process.pid
+    assert pid in _child_pids()
+
+    def on_output(_index: int, output: dict, done: bool) -> None:
+        if done:
+            finals.append(output)
+            finished.set()
+
+    try:
+        _, inputs = engine.prepare(None, {"max_new_tokens": 2000, "ignore_eos": True},
+                                   PROMPTS[0])
+        engine.submit(inputs, on_output, stream=True)
+    finally:
+        engine.shutdown()
+    assert finished.wait(10)
+    assert finals[0]["meta_info"]["finish_reason"] == {"type": "abort",
+                                                       "message": "engine shut down"}
+    assert pid not in _child_pids()
+
+
+def test_a_dead_engine_process_fails_requests_and_calls_and_says_so(llama_path) -> None:
+    exited = threading.Event()
+    engine = EngineProcess(EngineArgs(model_path=str(llama_path), **OPTIONS),
+                           on_exit=exited.set)
+    updates: list[tuple[dict, bool]] = []
+    first_token, finished = threading.Event(), threading.Event()
+
+    def on_output(_index: int, output: dict, done: bool) -> None:
+        updates.append((output, done))
+        first_token.set()
+        if done:
+            finished.set()
+
+    try:
+        _, inputs = engine.prepare(None, {"max_new_tokens": 2000, "ignore_eos": True},
+                                   PROMPTS[1], return_logprob=True)
+        engine.submit(inputs, on_output, stream=True)
+        assert first_token.wait(30)
+        engine._process.kill()
+        assert finished.wait(30) and exited.wait(30)
+        final = updates[-1][0]
+        assert final["meta_info"]["finish_reason"]["type"] == "abort"
+        assert "engine process exited" in final["meta_info"]["finish_reason"]["message"]
+        assert final["output_ids"], "the tokens streamed before the crash are kept"
+        with pytest.raises(RuntimeError, match="engine process exited"):
+            engine.stats()
+        with pytest.raises(RuntimeError, match="engine process exited"):
+            engine.submit(inputs, on_output, stream=False)
+    finally:
+        engine.shutdown()
+
+
+def test_a_model_that_fails_to_load_raises_its_error_here(llama_path, tmp_path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(llama_path, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.unlink()
+    before = _child_pids()
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        EngineProcess(EngineArgs(model_path=str(broken), **OPTIONS))
+    assert _child_pids() <= before
