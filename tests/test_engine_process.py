@@ -75,6 +75,38 @@ def test_tensor_updates_reach_the_engine_in_the_child(engine_process) -> None:
                                                   weight_version="default")
 
 
+@pytest.mark.parametrize("where", ["in this process", "in a child process"])
+def test_a_failing_output_callback_leaves_other_requests_running(where, request,
+                                                                 llama_path) -> None:
+    """A callback that raises (an asyncio client whose loop has closed) fails its own
+    delivery only: the step, the reader thread and the other requests go on."""
+    finals: dict[int, dict] = {}
+    done = threading.Event()
+
+    def broken(_index: int, _output: dict, _finished: bool) -> None:
+        raise RuntimeError("Event loop is closed")
+
+    def collect(index: int, output: dict, finished: bool) -> None:
+        if finished:
+            finals[index] = output
+            done.set()
+
+    if where == "in this process":
+        engine = Engine(str(llama_path), **OPTIONS)
+    else:
+        engine = request.getfixturevalue("engine_process")
+    try:
+        _, failing = engine.prepare(None, GREEDY, PROMPTS[0])
+        _, healthy = engine.prepare(None, GREEDY, PROMPTS[1])
+        engine.submit(failing, broken, stream=True)
+        engine.submit(healthy, collect, stream=True)
+        assert done.wait(60)
+    finally:
+        if where == "in this process":
+            engine.shutdown()
+    assert finals[0]["meta_info"]["finish_reason"] == {"type": "length", "length": 12}
+
+
 def test_shutdown_finishes_requests_in_flight_with_an_abort(llama_path) -> None:
     finished = threading.Event()
     finals: list[dict] = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -14,9 +15,21 @@ from transformers import PreTrainedTokenizerBase
 
 from rollserve.engine.validation import GenerateInput, RequestLimits, normalise_request
 
+logger = logging.getLogger(__name__)
+
 Prompt = str | list[str] | None
 TokenIds = list[int] | list[list[int]] | None
 OnOutput = Callable[[int, dict[str, Any], bool], None]
+
+
+def deliver(on_output: OnOutput, index: int, output: dict[str, Any], finished: bool) -> None:
+    """Call a submitter's callback. Its failure (say, its event loop has closed) is logged and
+    stays its own: the engine and every other request go on."""
+    try:
+        on_output(index, output, finished)
+    except Exception:
+        logger.exception("the output callback of request %s failed; other requests go on",
+                         output["meta_info"]["id"])
 
 
 class GenerationAPI(ABC):

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import torch
 from transformers import AutoTokenizer
 
-from rollserve.engine.api import GenerationAPI, OnOutput
+from rollserve.engine.api import GenerationAPI, OnOutput, deliver
 from rollserve.engine.args import EngineArgs
 from rollserve.engine.cpu_memory import keep_freed_memory
 from rollserve.engine.detokenizer import IncrementalDetokenizer
@@ -282,7 +282,7 @@ class Engine(GenerationAPI):
         def emit(req: Req) -> None:
             produced = len(req.output_ids)
             if req.finished or (stream and (produced == 1 or produced % interval == 0)):
-                on_output(index, build_output(req, texts), req.finished)
+                deliver(on_output, index, build_output(req, texts), req.finished)
 
         seed = item.sampling.sampling_seed
         req = Req(

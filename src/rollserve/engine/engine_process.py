@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
-from rollserve.engine.api import GenerationAPI, OnOutput
+from rollserve.engine.api import GenerationAPI, OnOutput, deliver
 from rollserve.engine.args import EngineArgs
 from rollserve.engine.engine import Engine
 from rollserve.engine.latency import Histogram
@@ -243,7 +243,7 @@ class EngineProcess(GenerationAPI):
     def _deliver(self, outputs: list[Output]) -> None:
         for batch_id, index, output, finished in outputs:
             batch = self._batches[batch_id]
-            batch.on_output(index, output, finished)
+            deliver(batch.on_output, index, output, finished)
             if finished:
                 batch.unfinished.discard(index)
                 if not batch.unfinished:
@@ -262,8 +262,8 @@ class EngineProcess(GenerationAPI):
                          sum(len(b.unfinished) for b in batches.values()))
         for batch in batches.values():
             for index in sorted(batch.unfinished):
-                batch.on_output(index, lost_output(batch.inputs[index], batch.last.get(index),
-                                                   reason), True)
+                deliver(batch.on_output, index,
+                        lost_output(batch.inputs[index], batch.last.get(index), reason), True)
         for future in calls.values():
             future.set_exception(RuntimeError(reason))
         if unexpected and self._on_exit is not None:
