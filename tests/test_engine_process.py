@@ -4,6 +4,7 @@ child dies, not when the model fails to load."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import threading
 
@@ -27,7 +28,9 @@ def engine_process(llama_path):
 
 
 def _child_pids() -> set[int]:
-    return {p.pid for p in psutil.Process().children(recursive=True)}
+    """Engine processes (multiprocessing's spawned children), not its resource tracker."""
+    return {p.pid for p in psutil.Process().children(recursive=True)
+            if "spawn_main" in " ".join(p.cmdline())}
 
 
 def test_outputs_and_streams_equal_the_in_process_engine(engine_process, llama_path) -> None:
@@ -47,8 +50,6 @@ def test_outputs_and_streams_equal_the_in_process_engine(engine_process, llama_p
             produced.append(len(output["output_ids"]))
         return produced
 
-    import asyncio
-
     assert asyncio.run(stream()) == list(range(1, 13))
 
 
@@ -56,7 +57,6 @@ def test_calls_return_values_and_raise_the_engines_errors(engine_process) -> Non
     stats = engine_process.stats()
     assert stats["kv_pool_size"] == 4096 and stats["num_running_reqs"] == 0
     assert engine_process.weight_version == "default"
-    assert engine_process.flush_cache() >= 0
     with pytest.raises(ValueError, match="not a parameter of this model"):
         engine_process.get_weights_by_name("no.such.weight")
     assert engine_process.device.type == "cpu" and engine_process.context_len > 0
@@ -149,6 +149,7 @@ def test_a_dead_engine_process_fails_requests_and_calls_and_says_so(llama_path) 
                                    PROMPTS[1], return_logprob=True)
         engine.submit(inputs, on_output, stream=True)
         assert first_token.wait(30)
+        engine.pause_generation("in_place")  # it stays unfinished until the kill
         engine._process.kill()
         assert finished.wait(30) and exited.wait(30)
         final = updates[-1][0]

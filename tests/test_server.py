@@ -111,6 +111,8 @@ def test_oversized_body_is_413(llama_server) -> None:
     ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "logprobs": "yes"},
      "logprobs"),
     ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "rid": 7}, "rid"),
+    ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "seed": 2**64},
+     "sampling_seed"),
     ({"model": "m", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, "content parts"),
 ])

@@ -26,6 +26,7 @@ def engine(llama_path):
     ({"max_new_tokens": "ten"}, "max_new_tokens"),
     ({"stop": [""]}, "stop"),
     ({"ignore_eos": "yes"}, "ignore_eos"),
+    ({"sampling_seed": 2**64}, "sampling_seed"),
 ])
 def test_bad_sampling_params_name_the_parameter(params: dict, fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment):

@@ -22,6 +22,7 @@ import dataclasses
 import itertools
 import logging
 import multiprocessing
+import os
 import pickle
 import signal
 import threading
@@ -67,9 +68,11 @@ class _Batch:
 
 
 class EngineProcess(GenerationAPI):
-    """The `Engine` calls the server makes, answered by an engine in a child process.
-    Requests are validated and tokenized here; `on_output` callbacks run on this process's
-    reader thread. `on_exit` runs there too if the child dies while this object is open."""
+    """The `Engine` calls the server makes, answered by an engine in a child process; the
+    weight-update calls take Engine's arguments. Requests are validated and tokenized here.
+    `on_output` callbacks run on this process's reader thread, as does `on_exit` if the
+    child dies while this object is open: they must not wait on this object (a call to the
+    child, `shutdown`), since the reader is what would deliver the answer."""
 
     def __init__(self, args: EngineArgs, log_level: int = logging.INFO,
                  on_exit: Callable[[], None] | None = None) -> None:
@@ -94,7 +97,7 @@ class EngineProcess(GenerationAPI):
         self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()  # guards the three below
         self._batches: dict[int, _Batch] = {}
-        self._calls: dict[int, concurrent.futures.Future] = {}
+        self._calls: dict[int, concurrent.futures.Future[Any]] = {}
         self._exited: str | None = None  # why the child is gone, once it is
         self._closing = False
         self._ids = itertools.count()
@@ -122,7 +125,12 @@ class EngineProcess(GenerationAPI):
             if self._exited is not None:
                 raise RuntimeError(self._exited)
             self._batches[batch] = _Batch(on_output, inputs, set(range(len(inputs))))
-        self._send(("submit", batch, inputs, stream))
+        try:
+            self._send(("submit", batch, inputs, stream))
+        except RuntimeError:
+            with self._state_lock:
+                self._batches.pop(batch, None)
+            raise
 
     def abort(self, rid: str) -> None:
         self._send(("abort", rid), required=False)
@@ -151,14 +159,14 @@ class EngineProcess(GenerationAPI):
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
         return self._call("get_weights_by_name", name, truncate_size)
 
-    def init_weights_update_group(self, **group: Any) -> None:
-        self._call("init_weights_update_group", **group)
+    def init_weights_update_group(self, *args: Any, **kwargs: Any) -> None:
+        self._call("init_weights_update_group", *args, **kwargs)
 
-    def destroy_weights_update_group(self, **group: Any) -> None:
-        self._call("destroy_weights_update_group", **group)
+    def destroy_weights_update_group(self, *args: Any, **kwargs: Any) -> None:
+        self._call("destroy_weights_update_group", *args, **kwargs)
 
-    def update_weights_from_distributed(self, **update: Any) -> str:
-        return self._call("update_weights_from_distributed", **update)
+    def update_weights_from_distributed(self, *args: Any, **kwargs: Any) -> str:
+        return self._call("update_weights_from_distributed", *args, **kwargs)
 
     def update_weights_from_serialized(self, payload: str, load_format: str | None = None,
                                        **update: Any) -> str:
@@ -171,8 +179,8 @@ class EngineProcess(GenerationAPI):
         return self.update_weights_from_serialized(serialize_named_tensors(named_tensors),
                                                    **update)
 
-    def update_weights_from_disk(self, **update: Any) -> str:
-        return self._call("update_weights_from_disk", **update)
+    def update_weights_from_disk(self, *args: Any, **kwargs: Any) -> str:
+        return self._call("update_weights_from_disk", *args, **kwargs)
 
     def pause_generation(self, mode: str = "abort") -> None:
         self._call("pause_generation", mode)
@@ -187,12 +195,11 @@ class EngineProcess(GenerationAPI):
                 return
             self._closing = True
         self._send(("shutdown",), required=False)
-        self._process.join(timeout=60)
-        if self._process.is_alive():
+        self._reader.join(timeout=60)  # it ends once the child has exited and been reaped
+        if self._reader.is_alive():
             logger.error("the engine process did not stop within 60 s; killing it")
             self._process.kill()
-            self._process.join()
-        self._reader.join(timeout=30)
+            self._reader.join()
         self._conn.close()
 
     def __enter__(self) -> EngineProcess:
@@ -204,7 +211,7 @@ class EngineProcess(GenerationAPI):
     # ---- the pipe -----------------------------------------------------------------------
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        future: concurrent.futures.Future = concurrent.futures.Future()
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         call_id = next(self._ids)
         with self._state_lock:
             if self._exited is not None:
@@ -223,6 +230,8 @@ class EngineProcess(GenerationAPI):
                 raise RuntimeError("the engine process has exited") from None
 
     def _read(self) -> None:
+        """Invariant: this thread alone reaps the child (two joining threads race on
+        waitpid), and whatever ends it fails everything still waiting."""
         try:
             while True:
                 kind, *body = self._conn.recv()
@@ -237,12 +246,18 @@ class EngineProcess(GenerationAPI):
                         future.set_result(value)
         except (EOFError, OSError):
             pass
-        self._process.join(timeout=30)
-        self._fail_everything(f"the engine process exited (code {self._process.exitcode})")
+        except Exception:
+            logger.exception("reading from the engine process failed; stopping it")
+            self._process.kill()
+        finally:
+            self._process.join(timeout=30)
+            self._fail_everything(f"the engine process exited (code {self._process.exitcode})")
 
     def _deliver(self, outputs: list[Output]) -> None:
         for batch_id, index, output, finished in outputs:
-            batch = self._batches[batch_id]
+            batch = self._batches.get(batch_id)
+            if batch is None:  # failed already (a submit whose send broke)
+                continue
             deliver(batch.on_output, index, output, finished)
             if finished:
                 batch.unfinished.discard(index)
@@ -280,15 +295,23 @@ AnyEngine = Engine | EngineProcess
 def _serve(args: EngineArgs, conn: Connection, log_level: int) -> None:
     """The child's main: build the engine, then follow the parent's messages until it says
     shutdown or goes away."""
-    # Ctrl-C reaches the whole process group; the parent decides when the engine stops.
+    # Ctrl-C and a stop of the whole process group (process.py's, systemd's) reach this
+    # process too; the parent decides when the engine stops, after aborting what runs. If
+    # the parent dies instead, the pipe's EOF stops the engine.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format=LOG_FORMAT)
     outputs: list[Output] = []  # engine thread only
 
     def ship_outputs() -> None:
-        if outputs:
+        if not outputs:
+            return
+        try:
             _send(conn, send_lock, ("outputs", outputs.copy()))
-            outputs.clear()
+        except Exception:  # outputs that do not pickle: without them the parent would wait
+            logger.exception("shipping outputs to the server failed; stopping the engine")
+            os._exit(1)  # the parent sees EOF and fails every request it holds
+        outputs.clear()
 
     send_lock = threading.Lock()
     try:
@@ -313,8 +336,7 @@ def _follow(engine: Engine, conn: Connection, send_lock: threading.Lock,
         except (EOFError, OSError):  # the parent is gone
             return
         if kind == "submit":
-            batch, inputs, stream = body
-            engine.submit(inputs, _collector(outputs, batch), stream)
+            _submit(engine, conn, send_lock, *body, outputs)
         elif kind == "abort":
             engine.abort(body[0])
         elif kind == "abort_all":
@@ -324,6 +346,18 @@ def _follow(engine: Engine, conn: Connection, send_lock: threading.Lock,
                              daemon=True).start()
         else:  # "shutdown"
             return
+
+
+def _submit(engine: Engine, conn: Connection, send_lock: threading.Lock, batch: int,
+            inputs: list[GenerateInput], stream: bool, outputs: list[Output]) -> None:
+    """A submit that fails finishes its requests with an abort; the engine serves on."""
+    try:
+        engine.submit(inputs, _collector(outputs, batch), stream)
+    except Exception as exc:
+        logger.exception("submitting a request failed")
+        reason = f"the engine could not take the request: {type(exc).__name__}: {exc}"
+        _send(conn, send_lock, ("outputs", [(batch, i, lost_output(item, None, reason), True)
+                                            for i, item in enumerate(inputs)]))
 
 
 def _collector(outputs: list[Output], batch: int) -> OnOutput:
@@ -341,7 +375,11 @@ def _answer(engine: Engine, conn: Connection, send_lock: threading.Lock, call_id
         reply = ("result", call_id, None, value)
     except Exception as exc:
         reply = ("result", call_id, _picklable(exc), None)
-    _send(conn, send_lock, reply)
+    try:
+        _send(conn, send_lock, reply)
+    except Exception as exc:  # a value that does not pickle: the caller must still hear
+        _send(conn, send_lock, ("result", call_id, RuntimeError(
+            f"{method}'s answer could not be sent: {type(exc).__name__}: {exc}"), None))
 
 
 def _send(conn: Connection, lock: threading.Lock, message: tuple) -> None:

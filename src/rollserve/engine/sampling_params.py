@@ -66,6 +66,9 @@ class SamplingParams:
             _check_type(name, getattr(self, name), bool)
         if self.sampling_seed is not None:
             _check_type("sampling_seed", self.sampling_seed, int)
+            # torch.Generator takes [-2**63, 2**64); n > 1 samples add their index to it.
+            _check(-2**63 <= self.sampling_seed < 2**63, "sampling_seed",
+                   "must be in [-2**63, 2**63)")
         _check(self.min_new_tokens >= 0, "min_new_tokens", "must be >= 0")
         _check(self.temperature >= 0, "temperature", "must be >= 0")
         _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,8 +31,11 @@ class _Server(uvicorn.Server):
         self.warm_up_failed = False
 
     def handle_exit(self, sig: int, frame: Any) -> None:
-        # Give every in-flight request its abort finish now, so responses end promptly.
-        self.engine.abort_all("server shutting down")
+        # Give every in-flight request its abort finish now, so responses end promptly. From
+        # another thread: this handler interrupts the event loop's thread, which may be
+        # holding the engine pipe's send lock at that moment.
+        threading.Thread(target=self.engine.abort_all, args=("server shutting down",),
+                         daemon=True).start()
         super().handle_exit(sig, frame)
 
 
@@ -46,16 +50,17 @@ def launch_server(args: ServerArgs) -> None:
             server.should_exit = True
 
     engine = EngineProcess(args.engine_args(), logging.getLogger().level, engine_exited)
-    app = build_app(engine, args)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=5, access_log=args.log_level == "debug")
-    server = _Server(config, engine)
-    app.router.lifespan_context = _lifespan(server, args)
     try:
+        app = build_app(engine, args)
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                timeout_graceful_shutdown=5,
+                                access_log=args.log_level == "debug")
+        server = _Server(config, engine)
+        app.router.lifespan_context = _lifespan(server, args)
         server.run()
     finally:
         engine.shutdown()
-    if server.warm_up_failed or exited:
+    if exited or (server is not None and server.warm_up_failed):
         raise SystemExit(1)
 
 

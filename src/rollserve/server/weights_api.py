@@ -123,8 +123,10 @@ def install_weight_routes(app: FastAPI, engine: AnyEngine, args: ServerArgs,
 
     @app.get("/get_weights_metadata")
     async def get_weights_metadata() -> JSONResponse:
-        return JSONResponse({**engine.weights_metadata(),
-                             "weight_version": engine.weight_version})
+        def read() -> dict[str, Any]:  # calls into the engine: never on the event loop
+            return {**engine.weights_metadata(), "weight_version": engine.weight_version}
+
+        return JSONResponse(await asyncio.to_thread(read))
 
     @app.post("/pause_generation")
     async def pause_generation(request: Request) -> JSONResponse:
