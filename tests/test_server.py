@@ -331,6 +331,54 @@ def test_sigterm_aborts_in_flight_requests_and_exits(tiny_model_factory, start_s
     assert server.process.wait(timeout=30) in (0, -signal.SIGTERM)
 
 
+def test_a_stop_of_the_whole_process_group_aborts_requests_and_stops_the_engine(
+        tiny_model_factory, tmp_path) -> None:
+    """Fleets (rollserve.process) and service managers signal the server's whole process
+    group, its engine process included: the server still aborts what runs, then stops the
+    engine itself, and exits cleanly."""
+    import os
+    import sys
+
+    import psutil
+
+    from rollserve.process import ManagedProcess, free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = ManagedProcess([
+        sys.executable, "-m", "rollserve.launch_server", "--port", str(port),
+        "--model-path", str(tiny_model_factory("qwen2")), "--host", "127.0.0.1",
+        "--device", "cpu", "--dtype", "float32", "--max-total-tokens", "8192",
+        "--log-level", "warning"], tmp_path / "server.log")
+
+    def healthy() -> bool:
+        try:
+            return requests.get(url + "/health", proxies=NO_PROXY, timeout=1).ok
+        except requests.ConnectionError:
+            return False
+
+    try:
+        assert server.start_and_wait(healthy, 120) is None
+        engine = psutil.Process(server.pid).children()
+        assert engine, "the engine runs in a child process"
+        response = requests.post(url + "/generate", json={
+            "input_ids": [5, 6, 7], "stream": True,
+            "sampling_params": {"max_new_tokens": 1800, "ignore_eos": True}},
+            stream=True, proxies=NO_PROXY, timeout=60)
+        lines = response.iter_lines()
+        next(lines)
+        os.killpg(server.pid, signal.SIGTERM)
+        rest = [line.decode() for line in lines if line]
+        finals = [json.loads(line[5:]) for line in rest if line != "data: [DONE]"]
+        assert finals[-1]["meta_info"]["finish_reason"] == {
+            "type": "abort", "message": "server shutting down"}
+        assert server.process.wait(timeout=30) in (0, -signal.SIGTERM)
+        psutil.wait_procs(engine, timeout=30)
+        assert not any(p.is_running() for p in engine)
+    finally:
+        server.stop()
+
+
 def test_server_args_reject_unknown_keys_and_flags() -> None:
     import subprocess
     import sys
