@@ -128,7 +128,7 @@ def test_shutdown_finishes_requests_in_flight_with_an_abort(llama_path) -> None:
     assert finished.wait(10)
     assert finals[0]["meta_info"]["finish_reason"] == {"type": "abort",
                                                        "message": "engine shut down"}
-    assert pid not in _child_pids()
+    assert pid not in _child_pids() and not engine.crashed
 
 
 def test_a_dead_engine_process_fails_requests_and_calls_and_says_so(llama_path) -> None:
@@ -151,7 +151,7 @@ def test_a_dead_engine_process_fails_requests_and_calls_and_says_so(llama_path) 
         assert first_token.wait(30)
         engine.pause_generation("in_place")  # it stays unfinished until the kill
         engine._process.kill()
-        assert finished.wait(30) and exited.wait(30)
+        assert finished.wait(30) and exited.wait(30) and engine.crashed
         final = updates[-1][0]
         assert final["meta_info"]["finish_reason"]["type"] == "abort"
         assert "engine process exited" in final["meta_info"]["finish_reason"]["message"]

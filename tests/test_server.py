@@ -379,6 +379,28 @@ def test_a_stop_of_the_whole_process_group_aborts_requests_and_stops_the_engine(
         server.stop()
 
 
+def test_a_dead_engine_process_aborts_requests_and_stops_the_server_with_status_1(
+        tiny_model_factory, start_server) -> None:
+    import psutil
+
+    server = start_server(tiny_model_factory("qwen2"))
+    (engine,) = [p for p in psutil.Process(server.process.pid).children()
+                 if "spawn_main" in " ".join(p.cmdline())]  # not the resource tracker
+    response = requests.post(server.url + "/generate", json={
+        "input_ids": [5, 6, 7], "stream": True,
+        "sampling_params": {"max_new_tokens": 1800, "ignore_eos": True}},
+        stream=True, proxies=NO_PROXY, timeout=60)
+    lines = response.iter_lines()
+    next(lines)
+    engine.kill()
+    rest = [line.decode() for line in lines if line]
+    finals = [json.loads(line[5:]) for line in rest if line != "data: [DONE]"]
+    reason = finals[-1]["meta_info"]["finish_reason"]
+    assert reason["type"] == "abort" and "engine process exited" in reason["message"]
+    assert finals[-1]["output_ids"], "the tokens streamed before the crash are kept"
+    assert server.process.wait(timeout=30) == 1
+
+
 def test_server_args_reject_unknown_keys_and_flags() -> None:
     import subprocess
     import sys

@@ -18,7 +18,6 @@ raises.
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import itertools
 import logging
 import multiprocessing
@@ -27,7 +26,7 @@ import pickle
 import signal
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -64,7 +63,7 @@ class _Batch:
     on_output: OnOutput
     inputs: list[GenerateInput]
     unfinished: set[int]
-    last: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    last: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
 class EngineProcess(GenerationAPI):
@@ -100,6 +99,7 @@ class EngineProcess(GenerationAPI):
         self._calls: dict[int, concurrent.futures.Future[Any]] = {}
         self._exited: str | None = None  # why the child is gone, once it is
         self._closing = False
+        self.crashed = False  # the child died without being asked to stop
         self._ids = itertools.count()
         self._reader = threading.Thread(target=self._read, name="rollserve-engine-reader",
                                         daemon=True)
@@ -271,7 +271,7 @@ class EngineProcess(GenerationAPI):
             self._exited = reason
             batches, self._batches = self._batches, {}
             calls, self._calls = self._calls, {}
-            unexpected = not self._closing
+            unexpected = self.crashed = not self._closing
         if unexpected:
             logger.error("%s; failing %d requests in flight", reason,
                          sum(len(b.unfinished) for b in batches.values()))

@@ -41,11 +41,9 @@ class _Server(uvicorn.Server):
 
 def launch_server(args: ServerArgs) -> None:
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
-    exited: list[bool] = []  # the engine process died under the server
     server: _Server | None = None
 
     def engine_exited() -> None:
-        exited.append(True)
         if server is not None:
             server.should_exit = True
 
@@ -60,7 +58,7 @@ def launch_server(args: ServerArgs) -> None:
         server.run()
     finally:
         engine.shutdown()
-    if exited or (server is not None and server.warm_up_failed):
+    if engine.crashed or (server is not None and server.warm_up_failed):
         raise SystemExit(1)
 
 
