@@ -8,6 +8,7 @@ import json
 import signal
 import socket
 import time
+from collections.abc import Callable
 
 import pytest
 import requests
@@ -315,18 +316,25 @@ def test_api_key_guards_everything_but_health(tiny_model_factory, start_server) 
     assert ok.status_code == 200
 
 
-def test_sigterm_aborts_in_flight_requests_and_exits(tiny_model_factory, start_server) -> None:
-    server = start_server(tiny_model_factory("qwen2"))
-    response = requests.post(server.url + "/generate", json={
+def _last_event_after_interrupting(url: str, interrupt: Callable[[], object]) -> dict:
+    """Starts a long streaming /generate, calls `interrupt()` once its first event arrived,
+    and returns the stream's last event."""
+    response = requests.post(url + "/generate", json={
         "input_ids": [5, 6, 7], "stream": True,
         "sampling_params": {"max_new_tokens": 1800, "ignore_eos": True}},
         stream=True, proxies=NO_PROXY, timeout=60)
     lines = response.iter_lines()
     next(lines)
-    server.process.send_signal(signal.SIGTERM)
-    rest = [line.decode() for line in lines if line]
-    finals = [json.loads(line[5:]) for line in rest if line != "data: [DONE]"]
-    assert finals and finals[-1]["meta_info"]["finish_reason"]["type"] == "abort"
+    interrupt()
+    events = [line.decode() for line in lines if line]
+    return json.loads(next(e for e in reversed(events) if e != "data: [DONE]")[5:])
+
+
+def test_sigterm_aborts_in_flight_requests_and_exits(tiny_model_factory, start_server) -> None:
+    server = start_server(tiny_model_factory("qwen2"))
+    final = _last_event_after_interrupting(
+        server.url, lambda: server.process.send_signal(signal.SIGTERM))
+    assert final["meta_info"]["finish_reason"]["type"] == "abort"
     # uvicorn re-raises the signal once its graceful shutdown is done
     assert server.process.wait(timeout=30) in (0, -signal.SIGTERM)
 
@@ -361,16 +369,9 @@ def test_a_stop_of_the_whole_process_group_aborts_requests_and_stops_the_engine(
         assert server.start_and_wait(healthy, 120) is None
         engine = psutil.Process(server.pid).children()
         assert engine, "the engine runs in a child process"
-        response = requests.post(url + "/generate", json={
-            "input_ids": [5, 6, 7], "stream": True,
-            "sampling_params": {"max_new_tokens": 1800, "ignore_eos": True}},
-            stream=True, proxies=NO_PROXY, timeout=60)
-        lines = response.iter_lines()
-        next(lines)
-        os.killpg(server.pid, signal.SIGTERM)
-        rest = [line.decode() for line in lines if line]
-        finals = [json.loads(line[5:]) for line in rest if line != "data: [DONE]"]
-        assert finals[-1]["meta_info"]["finish_reason"] == {
+        final = _last_event_after_interrupting(
+            url, lambda: os.killpg(server.pid, signal.SIGTERM))
+        assert final["meta_info"]["finish_reason"] == {
             "type": "abort", "message": "server shutting down"}
         assert server.process.wait(timeout=30) in (0, -signal.SIGTERM)
         psutil.wait_procs(engine, timeout=30)
@@ -386,18 +387,10 @@ def test_a_dead_engine_process_aborts_requests_and_stops_the_server_with_status_
     server = start_server(tiny_model_factory("qwen2"))
     (engine,) = [p for p in psutil.Process(server.process.pid).children()
                  if "spawn_main" in " ".join(p.cmdline())]  # not the resource tracker
-    response = requests.post(server.url + "/generate", json={
-        "input_ids": [5, 6, 7], "stream": True,
-        "sampling_params": {"max_new_tokens": 1800, "ignore_eos": True}},
-        stream=True, proxies=NO_PROXY, timeout=60)
-    lines = response.iter_lines()
-    next(lines)
-    engine.kill()
-    rest = [line.decode() for line in lines if line]
-    finals = [json.loads(line[5:]) for line in rest if line != "data: [DONE]"]
-    reason = finals[-1]["meta_info"]["finish_reason"]
+    final = _last_event_after_interrupting(server.url, engine.kill)
+    reason = final["meta_info"]["finish_reason"]
     assert reason["type"] == "abort" and "engine process exited" in reason["message"]
-    assert finals[-1]["output_ids"], "the tokens streamed before the crash are kept"
+    assert final["output_ids"], "the tokens streamed before the crash are kept"
     assert server.process.wait(timeout=30) == 1
 
 
