@@ -13,7 +13,7 @@ from rollserve.models.linear import Linear, can_pack
 def test_packed_linear_is_bit_identical_and_repacks(dtype: torch.dtype) -> None:
     layer = Linear(96, 40, bias=True).to(dtype)
     if not can_pack(layer.weight):
-        pytest.skip("oneDNN bf16 not supported on this CPU")
+        pytest.skip(f"oneDNN cannot pack {dtype} on this CPU")
     layer.repack()
     assert layer.packed is not None
     for rows in (1, 7, 64, 130):

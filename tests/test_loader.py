@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rollserve import Engine
-from rollserve.models.config import SUPPORTED_ARCHITECTURES
+from rollserve.models import loader
+from rollserve.models.config import SUPPORTED_ARCHITECTURES, load_model_config
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -66,3 +67,25 @@ def test_dtypes_load_and_generate(llama_path, dtype: str) -> None:
         out = engine.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 3,
                               "ignore_eos": True})
     assert len(out["output_ids"]) == 3
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_keeps_a_16_bit_checkpoint_only_where_the_cpu_computes_it(
+    tiny_model_factory, monkeypatch, native: bool
+) -> None:
+    config = load_model_config(tiny_model_factory("llama", dtype="bfloat16"))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(loader, "cpu_computes_natively", lambda dtype: native)
+    assert loader.resolve_dtype("auto", config, cpu) == (torch.bfloat16 if native
+                                                         else torch.float32)
+    assert loader.resolve_dtype("bfloat16", config, cpu) == torch.bfloat16  # asked for: kept
+    assert loader.resolve_dtype("auto", config, cuda) == torch.bfloat16
+
+
+def test_engine_on_auto_computes_a_bf16_checkpoint_as_this_cpu_allows(tiny_model_factory) -> None:
+    path = tiny_model_factory("llama", dtype="bfloat16")
+    expected = torch.bfloat16 if loader.cpu_computes_natively(torch.bfloat16) else torch.float32
+    with Engine(str(path), device="cpu", max_total_tokens=128) as engine:
+        assert engine.dtype == expected
+        assert engine.model.model.embed_tokens.weight.dtype == expected
+        assert engine.pool.k_cache.dtype == expected

@@ -168,7 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompt-len", type=int, nargs=2, default=(64, 512))
     parser.add_argument("--output-len", type=int, nargs=2, default=(32, 256))
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-total-tokens", type=int, default=None)
     parser.add_argument("--max-running-requests", type=int, default=256)
@@ -199,13 +199,13 @@ def main(argv: list[str] | None = None) -> None:
     steps = {key: stats[key] - before[key]
              for key in ("steps", "prefill_steps", "prefill_step_seconds", "decode_step_seconds")}
     decode_rate = batch1_decode_rate(engine, vocab)
-    device = next(engine.model.parameters()).device
+    device, dtype = next(engine.model.parameters()).device, engine.dtype
     floor = copy_bandwidth_gbps(device) / 2 * 1e9 / weight_bytes(engine)  # reads only: weights once
     engine.shutdown()
     if args.compare == "hf":
-        results.append(run_hf(path, workload, args.hf_batch_size, getattr(torch, args.dtype),
-                              str(device)))
-    print(f"model: {path} ({args.dtype}, {device}); {args.num_prompts} prompts, "
+        results.append(run_hf(path, workload, args.hf_batch_size, dtype, str(device)))
+    print(f"model: {path} ({str(dtype).removeprefix('torch.')}, {device}); "
+          f"{args.num_prompts} prompts, "
           f"prompt len {tuple(args.prompt_len)}, output len {tuple(args.output_len)}, "
           f"seed {args.seed}")
     print_table(results)

@@ -27,6 +27,8 @@ import aiohttp
 from rollserve import Engine
 from rollserve.bench.offline import RunResult, Workload, make_workload, print_table, run_engine
 from rollserve.engine.args import DEFAULT_CHUNKED_PREFILL_SIZE
+from rollserve.models.config import load_model_config
+from rollserve.models.loader import resolve_device, resolve_dtype
 from rollserve.models.local_cache import ensure_tiny_model
 
 
@@ -117,7 +119,7 @@ def workload_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--num-prompts", type=int, default=128)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--chunked-prefill-size", type=int, default=DEFAULT_CHUNKED_PREFILL_SIZE)
     parser.add_argument("--port", type=int, default=31000)
@@ -129,6 +131,12 @@ def online_workload(args: argparse.Namespace) -> tuple[Path, Workload]:
     model = Path(args.model_path) if args.model_path else ensure_tiny_model(args.preset)
     return model, make_workload(args.num_prompts, model_vocab_size(model), args.seed,
                                 (64, 512), (32, 256))
+
+
+def _dtype_name(model: Path, args: argparse.Namespace) -> str:
+    """The dtype the engines compute in (`auto` resolves per checkpoint and CPU)."""
+    device = resolve_device(args.device)
+    return str(resolve_dtype(args.dtype, load_model_config(model), device)).removeprefix("torch.")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{totals[1] / totals[2]:.2f}")
         if args.peer_src:
             print(f"http_vs_peer_src over all rounds (total seconds): {totals[3] / totals[2]:.2f}")
-    print(f"model: {model} ({args.dtype}, {args.device}); {args.num_prompts} prompts")
+    print(f"model: {model} ({_dtype_name(model, args)}, {args.device}); "
+          f"{args.num_prompts} prompts")
     print_table(results)
     online = results[2].output_throughput
     print(f"online_vs_offline: {online / results[0].output_throughput:.2f}")

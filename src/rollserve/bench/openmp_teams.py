@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--steps", type=int, default=64, help="decode steps per measurement")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto")
     return parser.parse_args(argv)
 
 

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="qwen2.5-0.5b")
     parser.add_argument("--num-prompts", type=int, default=64)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rows", type=int, default=25, help="lines per table")
     args = parser.parse_args(argv)

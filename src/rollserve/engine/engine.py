@@ -76,7 +76,7 @@ class Engine(GenerationAPI):
     def _build_model(self) -> None:
         args = self.args
         self.model_config = config = load_model_config(args.model_path)
-        self.dtype = resolve_dtype(args.dtype, config)
+        self.dtype = resolve_dtype(args.dtype, config, self.device)
         self.context_len = args.context_length or config.max_position_embeddings
         self.model = load_model(args.model_path, self.dtype, self.device, self.context_len)
         fraction = args.mem_fraction_static or _default_fraction(self.device)

@@ -15,15 +15,17 @@ from torch import nn
 
 from rollserve.kernels.amx_linear import AmxLinear
 
-_PACKED_DTYPES = (torch.bfloat16, torch.float16)
 _PACK_BATCH_HINT = 64  # the layout suits any batch; 64 is a typical decode batch
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    return (
-        weight.device.type == "cpu" and weight.dtype in _PACKED_DTYPES
-        and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
+    """oneDNN packs bf16 on any AVX-512 CPU, but fp16 only where the CPU converts fp16 itself
+    (avx512_fp16 or avx_ne_convert): elsewhere its reorder raises."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if weight.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return weight.dtype == torch.float16 and torch.ops.mkldnn._is_mkldnn_fp16_supported()
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor | None:

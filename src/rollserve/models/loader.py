@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,12 +19,41 @@ logger = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def resolve_dtype(dtype: str, config: ModelConfig) -> torch.dtype:
+def resolve_dtype(dtype: str, config: ModelConfig, device: torch.device) -> torch.dtype:
     if dtype == "auto":
-        return DTYPES.get(config.torch_dtype or "float32", torch.float32)
+        return auto_dtype(DTYPES.get(config.torch_dtype or "float32", torch.float32), device)
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def auto_dtype(checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The checkpoint's dtype, except a 16-bit one on a CPU that only emulates it: there
+    oneDNN multiplies bf16 4-5x and fp16 8-12x slower than float32 (BENCHMARKS.md), so the
+    engine computes in float32, at twice the memory. An explicit dtype is always honoured."""
+    if device.type != "cpu" or checkpoint_dtype == torch.float32:
+        return checkpoint_dtype
+    if cpu_computes_natively(checkpoint_dtype):
+        return checkpoint_dtype
+    logger.info("this CPU has no native %s arithmetic: computing in float32 (pass --dtype %s "
+                "to keep the checkpoint's dtype)", _name(checkpoint_dtype), _name(checkpoint_dtype))
+    return torch.float32
+
+
+def cpu_computes_natively(dtype: torch.dtype) -> bool:
+    """Whether this x86 CPU has instructions for `dtype` matmuls (bf16: AVX512-BF16 or AMX;
+    fp16: AVX512-FP16, AVX-NE-CONVERT or AMX-FP16). Other architectures are taken to."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True
+    if dtype == torch.bfloat16:
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if dtype == torch.float16:
+        return torch.ops.mkldnn._is_mkldnn_fp16_supported() or torch.cpu._is_amx_fp16_supported()
+    return True
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def resolve_device(device: str) -> torch.device:
