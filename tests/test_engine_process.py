@@ -14,7 +14,7 @@ import torch
 
 from rollserve import Engine
 from rollserve.engine.args import EngineArgs
-from rollserve.engine.engine_process import EngineProcess
+from rollserve.engine.engine_process import EngineProcess, RemoteTraceback
 
 OPTIONS = {"device": "cpu", "dtype": "float32", "max_total_tokens": 4096}
 GREEDY = {"temperature": 0.0, "max_new_tokens": 12, "ignore_eos": True}
@@ -57,9 +57,18 @@ def test_calls_return_values_and_raise_the_engines_errors(engine_process) -> Non
     stats = engine_process.stats()
     assert stats["kv_pool_size"] == 4096 and stats["num_running_reqs"] == 0
     assert engine_process.weight_version == "default"
-    with pytest.raises(ValueError, match="not a parameter of this model"):
+    with pytest.raises(ValueError, match="not a parameter of this model") as raised:
         engine_process.get_weights_by_name("no.such.weight")
+    _assert_caused_in_child(raised.value, "weight_update.py")
     assert engine_process.device.type == "cpu" and engine_process.context_len > 0
+
+
+def _assert_caused_in_child(error: BaseException, source_file: str) -> None:
+    """The child's traceback travels as the error's cause, down to the raising frame."""
+    assert isinstance(error.__cause__, RemoteTraceback)
+    frames = [line for line in str(error.__cause__).splitlines()
+              if line.lstrip().startswith('File "')]
+    assert source_file in frames[-1]
 
 
 def test_tensor_updates_reach_the_engine_in_the_child(engine_process) -> None:
@@ -170,6 +179,7 @@ def test_a_model_that_fails_to_load_raises_its_error_here(llama_path, tmp_path) 
     for weights in broken.glob("*.safetensors"):
         weights.unlink()
     before = _child_pids()
-    with pytest.raises(FileNotFoundError, match="safetensors"):
+    with pytest.raises(FileNotFoundError, match="safetensors") as raised:
         EngineProcess(EngineArgs(model_path=str(broken), **OPTIONS))
+    _assert_caused_in_child(raised.value, "loader.py")
     assert _child_pids() <= before

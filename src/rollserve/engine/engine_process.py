@@ -7,9 +7,9 @@ launching kernels, so every event the loop streamed was time taken from the engi
 
 Messages, parent to child: ("submit", batch, inputs, stream), ("abort", rid),
 ("abort_all", message), ("call", call_id, method, args, kwargs), ("shutdown",).
-Child to parent: ("ready", EngineInfo) or ("failed", exception) once, then
+Child to parent: ("ready", EngineInfo) or ("failed", RemoteError) once, then
 ("outputs", [(batch, index, output, finished), ...]) after every pass of the engine loop
-that produced any, and ("result", call_id, exception or None, value).
+that produced any, and ("result", call_id, RemoteError or None, value).
 Invariants: a batch's callback is dropped after its last finished output; when the child
 dies, every unfinished request still gets its finish (an abort) and every pending call
 raises.
@@ -25,6 +25,7 @@ import os
 import pickle
 import signal
 import threading
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -56,6 +57,31 @@ class EngineInfo:
     context_len: int
     limits: RequestLimits
     device: str
+
+
+class RemoteTraceback(Exception):
+    """Where in the engine process an error was raised: the `__cause__` of the exception
+    raised here, so a logged error shows the engine's frames, not only the pipe's."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+@dataclass(slots=True, frozen=True)
+class RemoteError:
+    """An exception raised in the engine process, with its traceback as text (a pickled
+    exception loses its traceback)."""
+
+    exception: BaseException
+    traceback: str
+
+    @classmethod
+    def capture(cls, exc: BaseException) -> RemoteError:
+        return cls(_picklable(exc), "".join(traceback.format_exception(exc)))
+
+    def reraisable(self) -> BaseException:
+        self.exception.__cause__ = RemoteTraceback(self.traceback)
+        return self.exception
 
 
 @dataclass(slots=True)
@@ -114,7 +140,7 @@ class EngineProcess(GenerationAPI):
                                "while loading the model (its log is above)") from None
         if kind == "failed":
             self._process.join()
-            raise value
+            raise value.reraisable()
         return value
 
     # ---- generation ---------------------------------------------------------------------
@@ -241,7 +267,7 @@ class EngineProcess(GenerationAPI):
                     call_id, error, value = body
                     future = self._calls.pop(call_id)
                     if error is not None:
-                        future.set_exception(error)
+                        future.set_exception(error.reraisable())
                     else:
                         future.set_result(value)
         except (EOFError, OSError):
@@ -317,7 +343,7 @@ def _serve(args: EngineArgs, conn: Connection, log_level: int) -> None:
     try:
         engine = Engine(args=args, after_pass=ship_outputs)
     except BaseException as exc:
-        _send(conn, send_lock, ("failed", _picklable(exc)))
+        _send(conn, send_lock, ("failed", RemoteError.capture(exc)))
         return
     info = EngineInfo(engine.model_config, engine.context_len, engine.limits, str(engine.device))
     _send(conn, send_lock, ("ready", info))
@@ -374,12 +400,12 @@ def _answer(engine: Engine, conn: Connection, send_lock: threading.Lock, call_id
         value = attribute(*args, **kwargs) if callable(attribute) else attribute
         reply = ("result", call_id, None, value)
     except Exception as exc:
-        reply = ("result", call_id, _picklable(exc), None)
+        reply = ("result", call_id, RemoteError.capture(exc), None)
     try:
         _send(conn, send_lock, reply)
     except Exception as exc:  # a value that does not pickle: the caller must still hear
-        _send(conn, send_lock, ("result", call_id, RuntimeError(
-            f"{method}'s answer could not be sent: {type(exc).__name__}: {exc}"), None))
+        _send(conn, send_lock, ("result", call_id, RemoteError.capture(RuntimeError(
+            f"{method}'s answer could not be sent: {type(exc).__name__}: {exc}")), None))
 
 
 def _send(conn: Connection, lock: threading.Lock, message: tuple) -> None:
