@@ -25,16 +25,17 @@ LAYER_SHAPES = [(HIDDEN, HIDDEN), (KV_SIZE, HIDDEN), (KV_SIZE, HIDDEN), (HIDDEN,
 Weights = list[tuple[torch.Tensor, torch.Tensor | None]]
 
 
-def model_weights(seed: int = 0) -> Weights:
+def model_weights(seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> Weights:
+    """The weights, each with its oneDNN-packed copy where the engine would pack it."""
     generator = torch.Generator().manual_seed(seed)
     shapes = LAYER_SHAPES * LAYERS + [(VOCAB, HIDDEN)]
-    weights = [(torch.randn(n, k, generator=generator) * 0.02).to(torch.bfloat16)
-               for n, k in shapes]
+    weights = [(torch.randn(n, k, generator=generator) * 0.02).to(dtype) for n, k in shapes]
     return [(w, pack(w)) for w in weights]
 
 
-def forward_seconds(weights: Weights, rows: int, amx: AmxLinear | None) -> float:
-    inputs = {k: torch.randn(rows, k).to(torch.bfloat16) for k in (HIDDEN, INTERMEDIATE)}
+def forward_seconds(weights: Weights, rows: int, amx: AmxLinear | None = None) -> float:
+    dtype = weights[0][0].dtype
+    inputs = {k: torch.randn(rows, k).to(dtype) for k in (HIDDEN, INTERMEDIATE)}
     start = time.perf_counter()
     for weight, packed in weights:
         linear(inputs[weight.shape[1]], weight, packed, amx=amx)
