@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
                     max_total_tokens=max(args.rows) * (PROMPT_LEN + args.steps + 16),
                     max_running_requests=max(args.rows), disable_radix_cache=True)
     engine.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 2})  # warm-up
-    print(f"model: {path} ({args.dtype}, cpu, {torch.get_num_threads()} threads); "
+    dtype = str(engine.dtype).removeprefix("torch.")
+    print(f"model: {path} ({dtype}, cpu, {torch.get_num_threads()} threads); "
           f"{args.steps} decode steps per measurement, prompts of {PROMPT_LEN} tokens")
     header = f"{'rows':>5}{'round':>7}{'engine team only':>18}{'+ a second team':>17}{'ratio':>8}"
     print(header)
