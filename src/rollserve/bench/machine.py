@@ -19,6 +19,7 @@ import time
 import torch
 
 from rollserve.bench.linear import forward_seconds, model_weights
+from rollserve.bench.offline import read_bandwidth
 from rollserve.kernels.amx_linear import make_amx_linear
 from rollserve.models.linear import linear, pack
 
@@ -26,15 +27,14 @@ READ_BYTES = 1 << 30
 DRIFT_SHAPE = (363, 896, 4864)  # rows, k, n: one prompt's chunk through a gate projection
 
 
-def read_bandwidth(data: torch.Tensor, threads: int, repeats: int = 5) -> float:
+def read_bandwidth_with(data: torch.Tensor, threads: int) -> float:
     """Best-of bytes/s of summing `data` with `threads` threads."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        best = min(_timed(data.sum) for _ in range(repeats))
+        return read_bandwidth(data)
     finally:
         torch.set_num_threads(previous)
-    return data.numel() * data.element_size() / best
 
 
 def weight_stream(repeats: int = 5) -> tuple[float, int]:
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args(argv)
     data = torch.ones(READ_BYTES // 4, dtype=torch.float32)
-    one, two = read_bandwidth(data, 1), read_bandwidth(data, 2)
+    one, two = read_bandwidth_with(data, 1), read_bandwidth_with(data, 2)
     del data
     stream_seconds, stream_bytes = weight_stream()
     windows = matmul_drift(args.seconds)
