@@ -28,15 +28,16 @@ def resolve_dtype(dtype: str, config: ModelConfig, device: torch.device) -> torc
 
 
 def auto_dtype(checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The checkpoint's dtype, except a 16-bit one on a CPU that only emulates it: there
-    oneDNN multiplies bf16 4-5x and fp16 8-12x slower than float32 (BENCHMARKS.md), so the
-    engine computes in float32, at twice the memory. An explicit dtype is always honoured."""
+    """The checkpoint's dtype, except a 16-bit one on a CPU that only emulates it: there a
+    forward's linears at 64 rows run 3.2x (bf16) and 6.5x (fp16) slower than in float32
+    (BENCHMARKS.md, bench.dtype_matmul), so the engine computes in float32, at twice the
+    memory. An explicit dtype is always honoured."""
     if device.type != "cpu" or checkpoint_dtype == torch.float32:
         return checkpoint_dtype
     if cpu_computes_natively(checkpoint_dtype):
         return checkpoint_dtype
-    logger.info("this CPU has no native %s arithmetic: computing in float32 (pass --dtype %s "
-                "to keep the checkpoint's dtype)", _name(checkpoint_dtype), _name(checkpoint_dtype))
+    logger.info("this CPU has no native %s arithmetic: computing in float32 (ask for dtype %s "
+                "to keep the checkpoint's)", _name(checkpoint_dtype), _name(checkpoint_dtype))
     return torch.float32
 
 
