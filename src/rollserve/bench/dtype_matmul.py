@@ -18,6 +18,7 @@ import torch
 
 from rollserve.bench.linear import forward_seconds, model_weights
 from rollserve.models.loader import cpu_computes_natively
+from rollserve.weight_specs import dtype_name
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     weights = {dtype: model_weights(dtype=dtype) for dtype in DTYPES}
-    names = [str(dtype).removeprefix("torch.") for dtype in DTYPES]
+    names = [dtype_name(dtype) for dtype in DTYPES]
     print("native on this CPU: " + ", ".join(
         f"{name} {'yes' if cpu_computes_natively(dtype) else 'no'}"
         for name, dtype in zip(names, DTYPES, strict=True)))

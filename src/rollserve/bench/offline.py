@@ -22,6 +22,7 @@ import torch
 from rollserve import Engine
 from rollserve.engine.args import DEFAULT_CHUNKED_PREFILL_SIZE
 from rollserve.models.local_cache import ensure_tiny_model
+from rollserve.weight_specs import dtype_name
 
 
 @dataclass(slots=True, frozen=True)
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     engine.shutdown()
     if args.compare == "hf":
         results.append(run_hf(path, workload, args.hf_batch_size, dtype, str(device)))
-    print(f"model: {path} ({str(dtype).removeprefix('torch.')}, {device}); "
+    print(f"model: {path} ({dtype_name(dtype)}, {device}); "
           f"{args.num_prompts} prompts, "
           f"prompt len {tuple(args.prompt_len)}, output len {tuple(args.output_len)}, "
           f"seed {args.seed}")

@@ -30,6 +30,7 @@ from rollserve.engine.args import DEFAULT_CHUNKED_PREFILL_SIZE
 from rollserve.models.config import load_model_config
 from rollserve.models.loader import resolve_device, resolve_dtype
 from rollserve.models.local_cache import ensure_tiny_model
+from rollserve.weight_specs import dtype_name
 
 
 async def _stream_one(session: aiohttp.ClientSession, url: str, prompt: list[int],
@@ -136,7 +137,7 @@ def online_workload(args: argparse.Namespace) -> tuple[Path, Workload]:
 def _dtype_name(model: Path, args: argparse.Namespace) -> str:
     """The dtype the engines compute in (`auto` resolves per checkpoint and CPU)."""
     device = resolve_device(args.device)
-    return str(resolve_dtype(args.dtype, load_model_config(model), device)).removeprefix("torch.")
+    return dtype_name(resolve_dtype(args.dtype, load_model_config(model), device))
 
 
 def main(argv: list[str] | None = None) -> None:

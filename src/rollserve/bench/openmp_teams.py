@@ -24,6 +24,7 @@ import torch
 
 from rollserve import Engine
 from rollserve.models.local_cache import ensure_tiny_model
+from rollserve.weight_specs import dtype_name
 
 PROMPT_LEN = 256
 
@@ -80,8 +81,7 @@ def main(argv: list[str] | None = None) -> None:
                     max_total_tokens=max(args.rows) * (PROMPT_LEN + args.steps + 16),
                     max_running_requests=max(args.rows), disable_radix_cache=True)
     engine.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 2})  # warm-up
-    dtype = str(engine.dtype).removeprefix("torch.")
-    print(f"model: {path} ({dtype}, cpu, {torch.get_num_threads()} threads); "
+    print(f"model: {path} ({dtype_name(engine.dtype)}, cpu, {torch.get_num_threads()} threads); "
           f"{args.steps} decode steps per measurement, prompts of {PROMPT_LEN} tokens")
     header = f"{'rows':>5}{'round':>7}{'engine team only':>18}{'+ a second team':>17}{'ratio':>8}"
     print(header)

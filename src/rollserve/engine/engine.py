@@ -36,7 +36,7 @@ from rollserve.kernels.sampling import make_native_sampling
 from rollserve.models.config import load_model_config
 from rollserve.models.loader import load_model, resolve_device, resolve_dtype
 from rollserve.tensor_ipc import deserialize_named_tensors
-from rollserve.weight_specs import parse_specs
+from rollserve.weight_specs import dtype_name, parse_specs
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class Engine(GenerationAPI):
                    "sampling": native_sampling, "AMX linear": amx}
         logger.info(
             "loaded %s (%s) dtype=%s device=%s; KV pool: %d tokens; native CPU kernels: %s",
-            args.model_path, config.architecture, str(self.dtype).removeprefix("torch."),
+            args.model_path, config.architecture, dtype_name(self.dtype),
             self.device, pool_size,
             ", ".join(name for name, kernel in kernels.items() if kernel is not None) or "none",
         )

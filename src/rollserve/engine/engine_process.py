@@ -120,7 +120,9 @@ class EngineProcess(GenerationAPI):
         self.limits, self.device = info.limits, torch.device(info.device)
         self._on_exit = on_exit
         self._send_lock = threading.Lock()
-        self._state_lock = threading.Lock()  # guards the three below
+        # Guards _exited, and entries added to the two dicts; only the reader thread removes
+        # entries (or swaps the dicts, in _fail_everything, under this lock).
+        self._state_lock = threading.Lock()
         self._batches: dict[int, _Batch] = {}
         self._calls: dict[int, concurrent.futures.Future[Any]] = {}
         self._exited: str | None = None  # why the child is gone, once it is

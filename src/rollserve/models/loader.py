@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from rollserve.models.config import ModelConfig, load_model_config
 from rollserve.models.llama import CausalLM
+from rollserve.weight_specs import dtype_name
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +33,11 @@ def auto_dtype(checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dty
     forward's linears at 64 rows run 3.2x (bf16) and 6.5x (fp16) slower than in float32
     (BENCHMARKS.md, bench.dtype_matmul), so the engine computes in float32, at twice the
     memory. An explicit dtype is always honoured."""
-    if device.type != "cpu" or checkpoint_dtype == torch.float32:
+    if device.type != "cpu" or cpu_computes_natively(checkpoint_dtype):
         return checkpoint_dtype
-    if cpu_computes_natively(checkpoint_dtype):
-        return checkpoint_dtype
+    name = dtype_name(checkpoint_dtype)
     logger.info("this CPU has no native %s arithmetic: computing in float32 (ask for dtype %s "
-                "to keep the checkpoint's)", _name(checkpoint_dtype), _name(checkpoint_dtype))
+                "to keep the checkpoint's)", name, name)
     return torch.float32
 
 
@@ -51,10 +51,6 @@ def cpu_computes_natively(dtype: torch.dtype) -> bool:
     if dtype == torch.float16:
         return torch.ops.mkldnn._is_mkldnn_fp16_supported() or torch.cpu._is_amx_fp16_supported()
     return True
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def resolve_device(device: str) -> torch.device:
