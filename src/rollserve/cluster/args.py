@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from rollserve.models.catalog import DEFAULT_MODEL, resolve_model
 from rollserve.process import command_flags
 from rollserve.router import router_flags
 
@@ -23,7 +24,7 @@ RUNTIME_KEYS = ("host", "port", "dist_init_addr")  # filled in by the launcher
 
 @dataclass(slots=True)
 class FleetArgs:
-    model_path: str | None = None
+    model_path: str = DEFAULT_MODEL  # a directory, a .gguf file or a name (`rollserve models`)
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     group_name: str = "RolloutServerGroup"
@@ -42,17 +43,16 @@ class FleetArgs:
                              f"got {self.server_type!r}")
         self.server = {k: v for k, v in self.server.items() if v is not None}
         self.server.setdefault("model_path", self.model_path)
-        if self.server["model_path"] is None:
-            raise ValueError("router_server_args needs model_path (or server.model_path)")
         preset = [k for k in RUNTIME_KEYS if k in self.server]
         if preset:
             raise ValueError(f"server.{preset[0]} is filled in by the launcher at run time; "
                              "leave it out of the config")
         self.server.setdefault("tp_size", self.tensor_parallel_size)
         if self.server_type == "rollserve":
-            _check_rollserve_server(self.server)
+            _check_rollserve_server(self.server)  # a first use converts the model, here once
         else:
             _check_sglang_server(self.server)
+            self.server["model_path"] = resolve_model(self.server["model_path"])
         self.router_command("127.0.0.1", 0, 0)  # validates the router block now
 
     @classmethod

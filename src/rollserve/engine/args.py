@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rollserve.models.catalog import DEFAULT_MODEL, resolve_model
+
 SCHEDULE_POLICIES = ("fcfs", "lpm")
 DEFAULT_CHUNKED_PREFILL_SIZE = 4096
 
 
 @dataclass(slots=True)
 class EngineArgs:
-    model_path: str
+    # A checkpoint directory, a .gguf file or a model name (`rollserve models`); resolved to
+    # a local checkpoint directory on construction.
+    model_path: str = DEFAULT_MODEL
     tokenizer_path: str | None = None  # default: model_path
     dtype: str = "auto"  # auto (the checkpoint's), bfloat16, float16, float32
     device: str = "auto"  # auto (cuda when present), cpu, cuda
@@ -29,6 +33,11 @@ class EngineArgs:
     # A streamed request reports its first token, then every stream_interval-th, and its
     # finish: fewer, larger updates for clients that do not need every token at once.
     stream_interval: int = 1
+
+    def __post_init__(self) -> None:
+        self.model_path = resolve_model(self.model_path)
+        if self.tokenizer_path is not None:
+            self.tokenizer_path = resolve_model(self.tokenizer_path)
 
     def validate(self) -> None:
         if self.schedule_policy not in SCHEDULE_POLICIES:

@@ -33,6 +33,7 @@ from rollserve.kernels.amx_linear import make_amx_linear
 from rollserve.kernels.decode_attention import make_decode_attention
 from rollserve.kernels.elementwise import make_fused_elementwise
 from rollserve.kernels.sampling import make_native_sampling
+from rollserve.models.catalog import DEFAULT_MODEL
 from rollserve.models.config import load_model_config
 from rollserve.models.loader import load_model, resolve_device, resolve_dtype
 from rollserve.tensor_ipc import deserialize_named_tensors
@@ -45,7 +46,7 @@ PACKS_PER_STEP = 8  # prepacked forms made per step after an update while reques
 
 
 class Engine(GenerationAPI):
-    def __init__(self, model_path: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, model_path: str = DEFAULT_MODEL, **kwargs: Any) -> None:
         """`kwargs`: EngineArgs fields, or `args=EngineArgs(...)`; and `after_pass`, called on
         the engine thread after every pass of its loop (commands, then a step) and once when
         it stops, for a caller that ships each step's outputs together (`EngineProcess`)."""

@@ -21,6 +21,7 @@ import torch
 
 from rollserve.client import InferenceHTTPClient, InferenceHTTPError
 from rollserve.local_fleet import LocalFleet
+from rollserve.models.catalog import DEFAULT_MODEL
 from rollserve.process import free_port
 from rollserve.rl.weight_sync import WeightSync, WeightSyncError
 from rollserve.weight_specs import ParameterTable, TensorSpec
@@ -29,25 +30,26 @@ from rollserve.weight_specs import ParameterTable, TensorSpec
 class RolloutService:
     """Generation + weight sync against one URL: an engine server or a router.
 
-    `server_url`: an existing server (or router). Otherwise `model_path` starts a managed
-    fleet: `dp_size` engines (behind an sglang-router when dp_size > 1), stopped on
+    `server_url`: an existing server (or router). Otherwise `model_path` (a directory, a .gguf
+    file or a model name; default: rollserve's default model) starts a managed fleet:
+    `dp_size` engines (behind an sglang-router when dp_size > 1), stopped on
     `shutdown()` or at interpreter exit. `server_kwargs` are `ServerArgs` fields.
     """
 
     def __init__(self, server_url: str | None = None, model_path: str | None = None,
                  tp_size: int = 1, dp_size: int = 1, timeout: float = 300.0,
                  **server_kwargs: Any) -> None:
-        if (server_url is None) == (model_path is None):
-            raise ValueError("pass exactly one of server_url (connect) and model_path (managed)")
+        if server_url is not None and model_path is not None:
+            raise ValueError("pass server_url (connect) or model_path (managed), not both")
         self.timeout = timeout
         self._fleet: LocalFleet | None = None
         self._sync: WeightSync | None = None
         self._pending: Callable[[], None] | None = None  # answers to announced tensors
         self._master_address = "127.0.0.1"
         self._master_port: int | None = None
-        if model_path is not None:
-            self._fleet = LocalFleet(str(model_path), dp_size=dp_size, tp_size=tp_size,
-                                     **server_kwargs)
+        if server_url is None:
+            self._fleet = LocalFleet(str(model_path or DEFAULT_MODEL), dp_size=dp_size,
+                                     tp_size=tp_size, **server_kwargs)
             server_url = self._fleet.url
         self._url = server_url.rstrip("/")
         self._client = InferenceHTTPClient(self._url)
@@ -61,9 +63,10 @@ class RolloutService:
         return cls(server_url=server_url)
 
     @classmethod
-    def from_pretrained(cls, model_name: str, tp_size: int = 1, dp_size: int = 1,
+    def from_pretrained(cls, model_name: str = DEFAULT_MODEL, tp_size: int = 1, dp_size: int = 1,
                         **kwargs: Any) -> RolloutService:
-        """Start a managed fleet of `dp_size` engines of `model_name` (a local checkpoint)."""
+        """Start a managed fleet of `dp_size` engines of `model_name` (a checkpoint directory,
+        a .gguf file or a model name)."""
         return cls(model_path=model_name, tp_size=tp_size, dp_size=dp_size, **kwargs)
 
     @property

@@ -14,13 +14,14 @@ from typing import Any
 
 from rollserve.engine.args import DEFAULT_CHUNKED_PREFILL_SIZE, EngineArgs
 from rollserve.engine.sampling_params import SamplingParams
+from rollserve.models.catalog import DEFAULT_MODEL, resolve_model
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 @dataclass(slots=True)
 class ServerArgs:
-    model_path: str
+    model_path: str = DEFAULT_MODEL  # a directory, a .gguf file or a name (`rollserve models`)
     tokenizer_path: str | None = None
     host: str = "127.0.0.1"
     port: int = 30000
@@ -52,11 +53,22 @@ class ServerArgs:
                 f"tp_size={self.tp_size}: tensor parallelism is not implemented yet; use 1 "
                 "(scale out with more engines behind the router instead)"
             )
-        self.engine_args().validate()  # engine settings fail here, before anything starts
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         self.preferred_sampling_defaults()  # validates the JSON early
         _check_chat_template(self.chat_template)
+        self._resolve_model()  # last: a first use converts the model
+        self.engine_args().validate()  # engine settings fail here, before anything starts
+
+    def _resolve_model(self) -> None:
+        """A name or .gguf file becomes the local checkpoint it stands for; clients keep
+        calling the model by the name the server was given."""
+        resolved = resolve_model(self.model_path)
+        if resolved != self.model_path and self.served_model_name is None:
+            self.served_model_name = self.model_path
+        self.model_path = resolved
+        if self.tokenizer_path is not None:
+            self.tokenizer_path = resolve_model(self.tokenizer_path)
 
     @property
     def model_name(self) -> str:
