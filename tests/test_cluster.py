@@ -113,6 +113,26 @@ def test_seed_alias_and_engine_placement(fleet) -> None:
     assert [e.device for e in server_group.engines] == ["cpu cores 0", "cpu cores 1"]
 
 
+def test_more_engines_than_cores_share_the_cores_unless_cores_per_rank_is_set(
+        local_ray, llama_path, tmp_path) -> None:
+    from rollserve.cluster.args import FleetArgs
+    from rollserve.cluster.launcher import plan_engines
+    from rollserve.cluster.placement import packed_strategy
+
+    cfg = fleet_config(llama_path, tmp_path, cluster={"component_placement": {"rollout": "0-3"}})
+    cluster = Cluster(cluster_cfg=cfg.cluster)  # on this module's Ray of 2 CPUs
+    ranks = ComponentPlacement(cfg, cluster).get_hardware_ranks("rollout")
+    assert ranks == [0, 1, 2, 3]
+    slots = plan_engines(cluster, packed_strategy(ranks, 1),
+                         FleetArgs.from_config(cfg.router_server_args))
+    assert [slot.device_env()[1:] for slot in slots] == [
+        ([0], "cpu cores 0"), ([0], "cpu cores 0"), ([1], "cpu cores 1"), ([1], "cpu cores 1")]
+    pinned = Cluster(cluster_cfg={**cfg.cluster, "cores_per_rank": 1})
+    with pytest.raises(ValueError, match=r"rollout='0-3' names hardware ranks 0-3, but the "
+                                         r"cluster has 2: cluster\.cores_per_rank=1 makes"):
+        ComponentPlacement(cfg, pinned)
+
+
 def test_killed_engine_is_visible_and_the_fleet_keeps_serving_then_shutdown_is_clean(
         local_ray, llama_path, tmp_path) -> None:
     server_group, router_group = launch(fleet_config(llama_path, tmp_path), local_ray)

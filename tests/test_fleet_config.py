@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from rollserve.cluster.cluster import parse_ranks
-from rollserve.cluster.placement import packed_strategy, parse_placement
+from rollserve.cluster.cluster import NodeInfo, fit_cpu_ranks, parse_ranks
+from rollserve.cluster.placement import packed_strategy, parse_placement, rank_demands
 from rollserve.process import command_flags
 from rollserve.router import router_flags
 
@@ -29,12 +31,58 @@ def test_placement_errors_name_the_problem() -> None:
         parse_ranks("zero-1", 4)
 
 
+def cpu_node(rank: int, cores: int) -> NodeInfo:
+    return NodeInfo(rank=rank, node_id=f"n{rank}", ip="127.0.0.1", num_gpus=0, num_cpus=cores)
+
+
+def fit(nodes: list[NodeInfo], **placements: str) -> tuple[int, list[list[list[int]]]]:
+    """cores_per_rank unset -> (cores per rank, each node's ranks as their core lists)."""
+    demands = [(tuple(n.rank for n in nodes), d) for d in rank_demands(placements)]
+    size, split = fit_cpu_ranks(nodes, demands)
+    return size, [[n.cpu_cores(r) for r in range(n.hardware_count)] for n in split]
+
+
+def test_unset_cores_per_rank_gives_the_placed_ranks_the_most_cores_that_fit() -> None:
+    assert fit([cpu_node(0, 16)], rollout="0-3") == (
+        4, [[[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]])
+    assert fit([cpu_node(0, 16)], rollout="0-1", trainer="2-4")[0] == 3
+    assert fit([cpu_node(0, 4), cpu_node(1, 4)], rollout="0-3")[1] == [
+        [[0, 1], [2, 3]], [[0, 1], [2, 3]]]
+    assert fit([cpu_node(0, 4)], rollout="all") == (1, [[[0], [1], [2], [3]]])
+
+
+def test_more_ranks_than_cores_share_cores_evenly_with_a_warning(caplog) -> None:
+    assert fit([cpu_node(0, 2)], rollout="0-3") == (1, [[[0], [0], [1], [1]]])
+    assert "names 4 hardware ranks" in caplog.text and "Place at most 2" in caplog.text
+    assert fit([cpu_node(0, 3)], rollout="0-3")[1] == [[[0], [0], [1], [2]]]
+    assert fit([cpu_node(0, 2), cpu_node(1, 2)], rollout="0-5")[1] == [
+        [[0], [0], [1]], [[0], [0], [1]]]
+
+
 def test_contiguous_ranks_repack_into_engines_of_tp_times_pp() -> None:
     assert packed_strategy([2, 3, 4, 5], 2).process_ranks == ((2, 3), (4, 5))
     with pytest.raises(ValueError, match="placement_strategy="):
         packed_strategy([0, 1, 3, 4], 2)
     with pytest.raises(ValueError, match="cannot be split"):
         packed_strategy([0, 1, 2], 2)
+
+
+def test_the_packaged_config_loads_outside_hydra_with_command_line_overrides() -> None:
+    from omegaconf import OmegaConf
+
+    from rollserve.cluster import load_config
+
+    cfg = load_config(["model_path=/m", "cluster.component_placement.rollout=0-3",
+                       "+router_server_args.server.max_total_tokens=4096"])
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["router_server_args"]["server"]["model_path"] == "/m"
+    assert resolved["router_server_args"]["server"]["max_total_tokens"] == 4096
+    assert resolved["cluster"]["component_placement"] == {"rollout": "0-3"}
+    assert resolved["cluster"]["cores_per_rank"] is None  # split to fit the placement
+    log_dir = Path(resolved["log_dir"])
+    assert log_dir.name == "logs" and log_dir.parent.is_dir()
+    assert resolved["router_server_args"]["log_dir"] == str(log_dir)
+    assert load_config()["log_dir"] == str(log_dir)  # one directory per process
 
 
 def test_config_values_become_flags() -> None:

@@ -63,6 +63,7 @@ def test_demo_from_a_user_yaml_prints_the_status_table_and_a_summary(llama_path,
     assert re.search(r"RolloutServerGroup-0\s+http://127\.0\.0\.1:\d+\s+0\s+cpu cores \d+\s+yes",
                      out)
     assert "RolloutServerGroup-1" in out and "router: http://127.0.0.1:" in out
+    assert f"logs: {tmp_path / 'logs'}\n" in out  # under hydra.run.dir
     summary = re.search(r"^\s+24\s+96\s+[\d.]+\s+[\d.]+\s+\d+%\s+\[(\d+), (\d+)\]$", out,
                         re.MULTILINE)
     assert summary, out

@@ -15,17 +15,13 @@ import sys
 import threading
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from rollserve.cluster import Cluster, ComponentPlacement, launch_router_and_servers
+from rollserve.cluster.config import CONFIG_NAME, register_resolvers
 from rollserve.cluster.handles import RouterGroup, ServerGroup
-from rollserve.models.local_cache import ensure_tiny_model
 
-OmegaConf.register_new_resolver("rollserve.tiny_model",
-                                lambda preset: str(ensure_tiny_model(preset)), replace=True)
-OmegaConf.register_new_resolver("rollserve.cpu_share",
-                                lambda parts: max(1, (os.cpu_count() or 1) // int(parts)),
-                                replace=True)
+register_resolvers()  # before Hydra composes the config
 
 
 def run(cfg: DictConfig) -> None:
@@ -79,7 +75,7 @@ def _serve_until_interrupted() -> None:
         stop.wait()
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="launch")
+@hydra.main(version_base="1.3", config_path="configs", config_name=CONFIG_NAME)
 def _hydra_main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -1,6 +1,7 @@
 """One config -> engine servers + one sglang-router on a Ray cluster (seed 004)."""
 
 from rollserve.cluster.cluster import Cluster, NodeGroup, NodeInfo
+from rollserve.cluster.config import load_config
 from rollserve.cluster.handles import EngineInfo, Pending, RouterGroup, ServerGroup
 from rollserve.cluster.launcher import (
     FleetLaunchError,
@@ -22,5 +23,6 @@ __all__ = [
     "ServerGroup",
     "launch_router_and_servers",
     "launch_sglang_router_and_server",
+    "load_config",
     "packed_strategy",
 ]

@@ -43,8 +43,8 @@ class EngineSlot:
         if self.node.has_gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.local_ranks))
             return env, None, f"cuda:{env['CUDA_VISIBLE_DEVICES']}"
-        per_rank = self.node.cores_per_rank
-        cores = [r * per_rank + k for r in self.local_ranks for k in range(per_rank)]
+        # dict.fromkeys: ranks that share a core (more ranks than cores) list it once
+        cores = list(dict.fromkeys(c for r in self.local_ranks for c in self.node.cpu_cores(r)))
         return env, cores, f"cpu cores {','.join(map(str, cores))}"
 
 

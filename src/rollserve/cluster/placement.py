@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rollserve.cluster.cluster import Cluster, parse_ranks
+if TYPE_CHECKING:  # cluster.py reads placements to size CPU ranks, so it imports this module
+    from rollserve.cluster.cluster import Cluster, NodeGroup
 
 
 @dataclass(slots=True, frozen=True)
@@ -50,6 +51,29 @@ def packed_strategy(hardware_ranks: Sequence[int], ranks_per_process: int,
     return PlacementStrategy(groups, _label(node_group))
 
 
+def parse_ranks(spec: Any, total: int) -> list[int]:
+    """`"all"`, `3`, `"0-3"`, `"0-1,4"` or a list of those -> sorted ranks below `total`."""
+    if isinstance(spec, int):
+        ranks = [spec]
+    elif isinstance(spec, Sequence) and not isinstance(spec, str):
+        ranks = [r for part in spec for r in parse_ranks(part, total)]
+    elif str(spec).strip() == "all":
+        ranks = list(range(total))
+    else:
+        ranks = []
+        for part in str(spec).split(","):
+            first, _, last = part.strip().partition("-")
+            try:
+                ranks += range(int(first), int(last or first) + 1)
+            except ValueError:
+                raise ValueError(f"bad rank range {part!r} in {spec!r}: use 'a-b', 'a' or "
+                                 "'all'") from None
+    bad = [r for r in ranks if not 0 <= r < total]
+    if bad:
+        raise ValueError(f"rank(s) {bad} in {spec!r} are out of range 0-{total - 1}")
+    return sorted(set(ranks))
+
+
 def parse_placement(spec: str, total: int) -> tuple[tuple[int, ...], ...]:
     """Placement string -> each process's hardware ranks (see the module docstring)."""
     processes: list[tuple[int, ...]] = []
@@ -77,21 +101,50 @@ def _spread(resources: list[int], count: int, spec: str) -> list[tuple[int, ...]
     return [tuple(resources[i * size:(i + 1) * size]) for i in range(count)]
 
 
+@dataclass(slots=True, frozen=True)
+class RankDemand:
+    """One `component_placement` entry: its key, node group, placement string, and how
+    many hardware ranks that string names (its highest rank + 1; 0 when it says `all`)."""
+
+    key: str
+    node_group: str | tuple[str, ...] | None
+    spec: str
+    ranks: int
+
+
+def rank_demands(placements: Mapping[str, Any] | None) -> list[RankDemand]:
+    demands = []
+    for key, value in (placements or {}).items():
+        if isinstance(value, Mapping):
+            group, spec = _label(value.get("node_group")), str(value.get("placement", "all"))
+        else:
+            group, spec = None, str(value)
+        demands.append(RankDemand(str(key), group, spec, ranks_named(spec)))
+    return demands
+
+
+def ranks_named(spec: str) -> int:
+    """The highest hardware rank a placement string names, + 1; `all` fits any count."""
+    highest = -1
+    for segment in str(spec).split(","):
+        resources = segment.partition(":")[0].strip()
+        if resources != "all":
+            highest = max(highest, *parse_ranks(resources, 1 << 30))
+    return highest + 1
+
+
 class ComponentPlacement:
     """Reads `cfg.cluster.component_placement`; a key may name several components (`a,b`)."""
 
     def __init__(self, cfg: Any, cluster: Cluster) -> None:
-        placements = cfg["cluster"]["component_placement"]
         self._strategies: dict[str, PlacementStrategy] = {}
-        for names, value in placements.items():
-            if isinstance(value, Mapping):
-                group = _label(value.get("node_group"))
-                spec = value.get("placement", "all")
-            else:
-                group, spec = None, value
-            total = cluster.get_node_group(group).hardware_count
-            strategy = PlacementStrategy(parse_placement(str(spec), total), group)
-            for name in str(names).split(","):
+        for demand in rank_demands(cfg["cluster"]["component_placement"]):
+            group = cluster.get_node_group(demand.node_group)
+            if demand.ranks > group.hardware_count:
+                raise ValueError(_shortfall(demand, group))
+            strategy = PlacementStrategy(parse_placement(demand.spec, group.hardware_count),
+                                         demand.node_group)
+            for name in demand.key.split(","):
                 if name.strip() in self._strategies:
                     raise ValueError(f"component {name.strip()!r} is placed twice")
                 self._strategies[name.strip()] = strategy
@@ -111,6 +164,20 @@ class ComponentPlacement:
 
     def get_node_group(self, component: str) -> str | tuple[str, ...] | None:
         return self.get_strategy(component).node_group
+
+
+def _shortfall(demand: RankDemand, group: NodeGroup) -> str:
+    where = "the cluster" if demand.node_group is None else f"node group {group.label!r}"
+    message = (f"cluster.component_placement.{demand.key}={demand.spec!r} names hardware "
+               f"ranks 0-{demand.ranks - 1}, but {where} has {group.hardware_count}")
+    cpu_nodes = [node for node in group.nodes if not node.has_gpus]
+    if not cpu_nodes:
+        return message + " (its GPUs)"
+    # Only an explicit cores_per_rank gets here: left unset, the cores are split to fit.
+    return (message + f": cluster.cores_per_rank={cpu_nodes[0].cores_per_rank} makes "
+            f"{', '.join(f'{n.num_cpus} cores' for n in cpu_nodes)} into "
+            f"{', '.join(str(n.hardware_count) for n in cpu_nodes)} rank(s); lower it, or "
+            "leave it unset (null) to split the cores to fit the placement")
 
 
 def _label(node_group: str | Sequence[str] | None) -> str | tuple[str, ...] | None:
