@@ -50,7 +50,7 @@ def test_a_gguf_file_serves_the_tokens_of_its_source_checkpoint(
 def test_llama3_rope_scaling_which_gguf_cannot_carry_is_refused(
         tiny_model_factory, private_cache, tmp_path) -> None:
     gguf_file = write_gguf_model(tiny_model_factory("llama"), tmp_path / "llama3.gguf")
-    with pytest.raises(ValueError, match="llama3 .*RoPE scaling.*HF checkpoint"):
+    with pytest.raises(ValueError, match=r"llama3 .*RoPE scaling.*HF checkpoint"):
         resolve_model(str(gguf_file))
     assert list(private_cache.iterdir()) == []  # nothing half-written
 
@@ -70,5 +70,5 @@ def test_a_gguf_file_that_is_not_a_supported_model_gets_a_clear_error(
 
 
 def test_a_missing_gguf_file_is_reported_by_name(private_cache, tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="nothere.gguf"):
+    with pytest.raises(FileNotFoundError, match=r"nothere\.gguf"):
         resolve_model(str(tmp_path / "nothere.gguf"))

@@ -84,7 +84,8 @@ def test_a_damaged_cached_checkpoint_is_detected_and_rebuilt(private_cache, capl
 
 
 def test_concurrent_first_uses_share_one_complete_copy(private_cache) -> None:
-    code = "from rollserve.models.catalog import resolve_model; print(resolve_model('random-qwen2'))"
+    code = ("from rollserve.models.catalog import resolve_model; "
+            "print(resolve_model('random-qwen2'))")
     processes = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                                   text=True) for _ in range(3)]
     paths = {process.communicate(timeout=180)[0].strip() for process in processes}

@@ -9,6 +9,7 @@ import torch
 
 from rollserve import Engine
 from rollserve.kernels.amx_linear import make_amx_linear
+from rollserve.kernels.build import kernels_apply
 from rollserve.kernels.decode_attention import DecodeAttention, make_decode_attention
 from rollserve.kernels.elementwise import make_fused_elementwise
 from rollserve.kernels.sampling import make_native_sampling
@@ -159,6 +160,8 @@ def test_kernels_refuse_tensors_they_were_not_built_for() -> None:
                   torch.ones(1, dtype=torch.int64), 0.25)
 
 
+@pytest.mark.skipif(not kernels_apply(CPU, torch.float32),
+                    reason="no AVX-512 here: the kernels never ask for a compiler")
 def test_without_a_compiler_the_engine_falls_back_and_says_so(
     tiny_model_factory, tmp_path, monkeypatch, caplog
 ) -> None:
@@ -175,3 +178,21 @@ def test_without_a_compiler_the_engine_falls_back_and_says_so(
         assert engine.scheduler.runner.decode_kernel is None
         out = engine.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 4})
     assert len(out["output_ids"]) == 4
+
+
+def test_on_a_cpu_without_avx512_the_engine_runs_the_pytorch_path_and_says_why(
+    tiny_model_factory, monkeypatch, caplog
+) -> None:
+    """Any machine plays an AVX2-only CPU here (torch's capability report is what the
+    kernels consult), so the fallback is checked on every CPU the suite runs on."""
+    path = str(tiny_model_factory("qwen2"))
+    greedy = {"temperature": 0.0, "max_new_tokens": 8}
+    options = {"dtype": "float32", "device": "cpu", "max_total_tokens": 1024}
+    with Engine(path, disable_native_kernels=True, **options) as engine:
+        expected = engine.generate(input_ids=[1, 2, 3], sampling_params=greedy)["output_ids"]
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with caplog.at_level("INFO", logger="rollserve"), Engine(path, **options) as engine:
+        assert engine.scheduler.runner.decode_kernel is None
+        out = engine.generate(input_ids=[1, 2, 3], sampling_params=greedy)
+    assert out["output_ids"] == expected
+    assert "native CPU kernels: none (they need AVX-512 and this CPU offers AVX2)" in caplog.text

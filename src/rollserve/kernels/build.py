@@ -60,10 +60,19 @@ def require(condition: bool, what: str) -> None:
 
 def kernels_apply(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the native kernels can serve tensors of this device and dtype here."""
-    return (
-        device.type == "cpu" and dtype in ELEMENT_MACROS
-        and torch.backends.cpu.get_cpu_capability() == "AVX512"
-    )
+    return why_not_native(device, dtype) is None
+
+
+def why_not_native(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why no native kernel serves this device and dtype here, or None when they can."""
+    if device.type != "cpu":
+        return f"they are CPU kernels and the engine runs on {device.type}"
+    if dtype not in ELEMENT_MACROS:
+        return f"they take bfloat16 or float32, not {str(dtype).removeprefix('torch.')}"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != "AVX512":
+        return f"they need AVX-512 and this CPU offers {capability}"
+    return None
 
 
 def load_kernel(
