@@ -30,6 +30,7 @@ from rollserve.engine.scheduler import Scheduler, SchedulerConfig
 from rollserve.engine.validation import GenerateInput, RequestLimits
 from rollserve.engine.weight_update import DEFAULT_GROUP, NamedTensors, WeightUpdater
 from rollserve.kernels.amx_linear import make_amx_linear
+from rollserve.kernels.build import why_not_native
 from rollserve.kernels.decode_attention import make_decode_attention
 from rollserve.kernels.elementwise import make_fused_elementwise
 from rollserve.kernels.sampling import make_native_sampling
@@ -111,12 +112,17 @@ class Engine(GenerationAPI):
         )
         kernels = {"decode attention": decode_attention, "fused elementwise": fused,
                    "sampling": native_sampling, "AMX linear": amx}
+        in_use = ", ".join(name for name, kernel in kernels.items() if kernel is not None)
         logger.info(
             "loaded %s (%s) dtype=%s device=%s; KV pool: %d tokens; native CPU kernels: %s",
             args.model_path, config.architecture, dtype_name(self.dtype),
-            self.device, pool_size,
-            ", ".join(name for name, kernel in kernels.items() if kernel is not None) or "none",
+            self.device, pool_size, in_use or f"none ({self._why_no_kernels()})",
         )
+
+    def _why_no_kernels(self) -> str:
+        if self.args.disable_native_kernels:
+            return "disable_native_kernels is set"
+        return why_not_native(self.device, self.dtype) or "none could be built (see above)"
 
     # ---- public API ---------------------------------------------------------------------
 
