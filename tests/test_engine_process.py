@@ -45,12 +45,14 @@ def test_outputs_and_streams_equal_the_in_process_engine(engine_process, llama_p
 
     async def stream() -> list[int]:
         produced = []
-        async for _, output, _ in engine_process.stream(input_ids=PROMPTS[0],
-                                                        sampling_params=GREEDY):
+        async for _, output, _ in engine_process.async_stream(input_ids=PROMPTS[0],
+                                                              sampling_params=GREEDY):
             produced.append(len(output["output_ids"]))
         return produced
 
     assert asyncio.run(stream()) == list(range(1, 13))
+    assert [len(output["output_ids"]) for _, output, _ in engine_process.stream(
+        input_ids=PROMPTS[0], sampling_params=GREEDY)] == list(range(1, 13))
 
 
 def test_calls_return_values_and_raise_the_engines_errors(engine_process) -> None:

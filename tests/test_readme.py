@@ -35,6 +35,15 @@ def run_script(path: Path, *args: str, timeout: float) -> subprocess.CompletedPr
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
+def test_the_in_process_engine_snippet_runs_including_its_stream_loop(tmp_path) -> None:
+    code = readme_block("## The engine in-process", "python")
+    assert "engine.stream(" in code
+    script = tmp_path / "engine.py"
+    script.write_text(code.replace('"/tmp/tiny-qwen2"', repr(str(tmp_path / "tiny-qwen2"))))
+    result = run_script(script, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+
+
 def test_the_fleet_driver_snippet_runs_as_a_script_with_launch_overrides(llama_path,
                                                                           tmp_path) -> None:
     driver = tmp_path / "driver.py"

@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import queue
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -87,20 +88,50 @@ class GenerationAPI(ABC):
                 outputs[index] = output
         return outputs if batched or len(outputs) > 1 else outputs[0]
 
-    async def stream(
+    def stream(
+        self, prompt: Prompt = None, sampling_params: dict | list[dict] | None = None,
+        input_ids: TokenIds = None, return_logprob: bool = False, logprob_start_len: int = -1,
+        top_logprobs_num: int = 0, return_text_in_logprobs: bool = False,
+        rid: str | list[str] | None = None,
+    ) -> Iterator[tuple[int, dict[str, Any], bool]]:
+        """An iterator of (index, cumulative output, finished) after every step that advanced
+        a request (index as in `generate`'s list). The request is checked here and submitted
+        when iteration starts; leaving the loop early aborts the requests still running."""
+        _, inputs = self.prepare(
+            prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
+            top_logprobs_num, return_text_in_logprobs, rid,
+        )
+        return self._iterate(inputs)
+
+    async def async_stream(
         self, prompt: Prompt = None, sampling_params: dict | list[dict] | None = None,
         input_ids: TokenIds = None, return_logprob: bool = False, logprob_start_len: int = -1,
         top_logprobs_num: int = 0, return_text_in_logprobs: bool = False,
         rid: str | list[str] | None = None,
     ) -> AsyncIterator[tuple[int, dict[str, Any], bool]]:
-        """Yields (index, cumulative output, finished) after every step that advanced a
-        request (index as in `generate`'s list)."""
+        """`stream` for asyncio code (`async for`)."""
         _, inputs = self.prepare(
             prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
             top_logprobs_num, return_text_in_logprobs, rid,
         )
         async for update in self.stream_inputs(inputs, stream=True):
             yield update
+
+    def _iterate(self, inputs: list[GenerateInput]) -> Iterator[tuple[int, dict[str, Any], bool]]:
+        """`stream_inputs` for a thread that may block: the updates wait in a thread-safe
+        queue instead of an event loop."""
+        updates: queue.SimpleQueue[tuple[int, dict[str, Any], bool]] = queue.SimpleQueue()
+        self.submit(inputs, lambda *update: updates.put(update), stream=True)
+        remaining = len(inputs)
+        try:
+            while remaining:
+                update = updates.get()
+                remaining -= update[2]
+                yield update
+        finally:
+            if remaining:
+                for item in inputs:
+                    self.abort(item.rid)
 
     async def stream_inputs(
         self, inputs: list[GenerateInput], stream: bool
