@@ -5,7 +5,12 @@ child dies, not when the model fails to load."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 
 import psutil
@@ -185,3 +190,37 @@ def test_a_model_that_fails_to_load_raises_its_error_here(llama_path, tmp_path) 
         EngineProcess(EngineArgs(model_path=str(broken), **OPTIONS))
     _assert_caused_in_child(raised.value, "loader.py")
     assert _child_pids() <= before
+
+
+SCRIPT = """\
+from rollserve.engine.args import EngineArgs
+from rollserve.engine.engine_process import EngineProcess
+
+def main():
+    with EngineProcess(EngineArgs(model_path={model!r}, **{options!r})) as engine:
+        print(engine.generate(input_ids=[5, 6], sampling_params={{"max_new_tokens": 2}})[
+            "meta_info"]["completion_tokens"], "tokens")
+"""
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_a_script_without_a_main_guard_gets_an_error_naming_the_guard(
+        llama_path, tmp_path, guarded: bool) -> None:
+    script = tmp_path / "script.py"
+    body = SCRIPT.format(model=str(llama_path), options=OPTIONS)
+    script.write_text(body + ('if __name__ == "__main__":\n    main()\n' if guarded
+                              else "main()\n"))
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=120)
+    finally:  # the engine process is in the script's session: nothing may outlive the test
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    if guarded:
+        assert process.returncode == 0 and stdout == "2 tokens\n", stderr[-3000:]
+        return
+    assert process.returncode == 1
+    assert 'Put the code that makes the EngineProcess under `if __name__ == "__main__":`' in stderr
+    assert f"imports {script} again" in stderr and "bootstrapping" not in stderr
