@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +78,22 @@ def test_generate_and_chat_through_the_router(fleet) -> None:
         "temperature": 0}, proxies=NO_PROXY, timeout=60).json()
     assert chat["choices"][0]["message"]["role"] == "assistant"
     assert chat["usage"]["completion_tokens"] == 5
+
+
+def test_the_readme_curl_example_works_on_an_engine_and_through_the_router(fleet) -> None:
+    from test_readme import readme_block
+
+    if shutil.which("curl") is None:
+        pytest.skip("no curl here")
+    block = readme_block("## The HTTP server", "bash")
+    command = re.search(r"^curl .*?[^\\]$", block, re.MULTILINE | re.DOTALL)[0]
+    router, servers = fleet
+    env = {**os.environ, "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+    for url in (servers[0].url, router.url):
+        done = subprocess.run(["bash", "-c", command.replace("http://127.0.0.1:30000", url)],
+                              capture_output=True, text=True, timeout=60, env=env)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["meta_info"]["completion_tokens"] == 16, done.stdout
 
 
 def test_cache_aware_routing_reuses_the_prefix_on_one_engine(fleet) -> None:
