@@ -12,6 +12,14 @@ from pathlib import Path
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
+def readme_section(title: str) -> str:
+    """The README text from the heading `## title` to the next `## ` heading."""
+    text = README.read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end != -1 else None]
+
+
 def readme_block(after: str, language: str) -> str:
     """The first fenced `language` block after the README line containing `after`."""
     text = README.read_text()
@@ -33,6 +41,16 @@ def run_script(path: Path, *args: str, timeout: float) -> subprocess.CompletedPr
             os.killpg(process.pid, signal.SIGKILL)
             process.communicate()
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def test_every_launch_server_flag_is_listed_in_the_http_server_section() -> None:
+    import dataclasses
+
+    from rollserve.server.args import ServerArgs
+
+    section = readme_section("The HTTP server")
+    flags = ["--" + field.name.replace("_", "-") for field in dataclasses.fields(ServerArgs)]
+    assert [flag for flag in flags if f"`{flag}`" not in section] == []
 
 
 def test_the_in_process_engine_snippet_runs_including_its_stream_loop(tmp_path) -> None:
