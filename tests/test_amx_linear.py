@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from rollserve import Engine
 from rollserve.kernels.amx_linear import MAX_ROWS, make_amx_linear
+from rollserve.kernels.build import ISA_ENV, runnable_isas
 from rollserve.models.linear import Linear
 
 CPU = torch.device("cpu")
@@ -77,6 +78,13 @@ def test_amx_linear_is_not_used_where_it_does_not_apply() -> None:
     assert make_amx_linear(CPU, torch.float32) is None
     assert make_amx_linear(CPU, torch.float16) is None
     assert make_amx_linear(torch.device("cuda"), torch.bfloat16) is None
+
+
+@pytest.mark.skipif("avx2" not in runnable_isas(), reason="this CPU does not run AVX2")
+def test_amx_linear_is_not_used_when_the_avx2_kernels_are_forced(monkeypatch) -> None:
+    """ROLLSERVE_CPU_ISA=avx2 makes an AMX machine run what an AVX2-only one runs."""
+    monkeypatch.setenv(ISA_ENV, "avx2")
+    assert make_amx_linear(CPU, torch.bfloat16) is None
 
 
 @needs_amx

@@ -1,26 +1,30 @@
 """The native CPU kernels compute what the eager PyTorch path computes: decode attention
 against a float64 reference, the fused norms, SwiGLU and rotary against the eager ops they
-replace, and the engine gives the same tokens with them as without them."""
+replace, and the engine gives the same tokens with them as without them. Every kernel test
+runs for each instruction set this CPU runs (native_isas.ISAS)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from native_isas import ISAS
 
 from rollserve import Engine
 from rollserve.kernels.amx_linear import make_amx_linear
-from rollserve.kernels.build import kernels_apply
+from rollserve.kernels.build import (
+    ISA_ENV,
+    UnsupportedIsa,
+    runnable_isas,
+    selected_isa,
+    why_not_native,
+)
 from rollserve.kernels.decode_attention import DecodeAttention, make_decode_attention
-from rollserve.kernels.elementwise import make_fused_elementwise
+from rollserve.kernels.elementwise import FusedElementwise, make_fused_elementwise
 from rollserve.kernels.sampling import make_native_sampling
 from rollserve.models.llama import RMSNorm
 from rollserve.models.rope import apply_rotary
 
 CPU = torch.device("cpu")
-needs_kernel = pytest.mark.skipif(
-    make_decode_attention(CPU, torch.float32, 64, 2) is None,
-    reason="no AVX-512 CPU or no C compiler: the engine uses the PyTorch path",
-)
 DTYPES = [torch.bfloat16, torch.float32]
 
 
@@ -38,12 +42,12 @@ def _reference(q, k, v, slots, lens, scale) -> torch.Tensor:
     return out
 
 
-@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.bfloat16, 4e-3), (torch.float32, 1e-5)])
 @pytest.mark.parametrize(
     ("head_dim", "group", "kv_heads"), [(16, 2, 2), (64, 7, 2), (128, 4, 2), (128, 1, 3)]
 )
-def test_kernel_matches_float64_reference(dtype, tolerance, head_dim, group, kv_heads) -> None:
+def test_kernel_matches_float64_reference(isa, dtype, tolerance, head_dim, group, kv_heads) -> None:
     gen = torch.Generator().manual_seed(head_dim + group)
     n, pool_slots = 11, 2000
     k = torch.randn(kv_heads, pool_slots, head_dim, generator=gen).to(dtype)
@@ -52,7 +56,7 @@ def test_kernel_matches_float64_reference(dtype, tolerance, head_dim, group, kv_
     lens = torch.randint(1, 200, (n,), generator=gen)
     lens[:3] = torch.tensor([1, 16, 17])  # one key, a full 16-lane block, one past it
     slots = torch.randint(1, pool_slots, (n, int(lens.max())), generator=gen)
-    out = DecodeAttention(head_dim, group, dtype)(q, k, v, slots, lens, head_dim**-0.5)
+    out = DecodeAttention(head_dim, group, dtype, isa)(q, k, v, slots, lens, head_dim**-0.5)
     ref = _reference(q, k, v, slots, lens, head_dim**-0.5)
     assert out.dtype == dtype and out.shape == q.shape
     assert ((out.double() - ref).norm() / ref.norm()).item() < tolerance
@@ -70,10 +74,10 @@ def _assert_close_to_eager(fused: torch.Tensor, eager: torch.Tensor) -> None:
         assert (fused == eager).float().mean() > 0.99
 
 
-@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_fused_rms_norm_matches_eager(dtype, with_residual) -> None:
+def test_fused_rms_norm_matches_eager(isa, dtype, with_residual) -> None:
     gen = torch.Generator().manual_seed(3)
     norm = RMSNorm(200, 1e-6).to(dtype)  # 200: a partial last 16-lane block
     with torch.no_grad():
@@ -82,34 +86,34 @@ def test_fused_rms_norm_matches_eager(dtype, with_residual) -> None:
     residual = torch.randn(37, 200, generator=gen).to(dtype) if with_residual else None
     eager_residual = None if residual is None else residual.clone()
     eager = norm(x.clone(), eager_residual)
-    norm.fused = make_fused_elementwise(CPU, dtype)
+    norm.fused = FusedElementwise(dtype, isa)
     fused = norm(x, residual)
     _assert_close_to_eager(fused, eager)
     if with_residual:
         assert torch.equal(residual, eager_residual)  # the sum is rounded once, like add_
 
 
-@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_silu_mul_matches_eager(dtype) -> None:
+def test_fused_silu_mul_matches_eager(isa, dtype) -> None:
     gen = torch.Generator().manual_seed(4)
     gate = (torch.randn(29, 120, generator=gen) * 4).to(dtype)
     up = torch.randn(29, 120, generator=gen).to(dtype)
     eager = torch.nn.functional.silu(gate) * up
-    fused = make_fused_elementwise(CPU, dtype).silu_mul(gate.clone(), up)
+    fused = FusedElementwise(dtype, isa).silu_mul(gate.clone(), up)
     _assert_close_to_eager(fused, eager)
 
 
-@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim", [16, 64, 128])
-def test_fused_rotary_equals_eager(dtype, head_dim) -> None:
+@pytest.mark.parametrize("head_dim", [16, 24, 64, 128])  # 24: half a row is no whole block
+def test_fused_rotary_equals_eager(isa, dtype, head_dim) -> None:
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(13, 6, head_dim, generator=gen).to(dtype)
     angles = torch.rand(13, 1, head_dim, generator=gen) * 6
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     eager = apply_rotary(x.clone(), cos, sin)
-    fused = make_fused_elementwise(CPU, dtype).rotary(x.clone(), cos, sin)
+    fused = FusedElementwise(dtype, isa).rotary(x.clone(), cos, sin)
     assert torch.equal(fused, eager)  # no reduction: the same roundings in the same order
 
 
@@ -122,17 +126,57 @@ def test_kernels_are_not_used_where_they_do_not_apply() -> None:
     assert make_native_sampling(torch.device("cuda")) is None
 
 
-@needs_kernel
+# exp() overflows, underflows and saturates here: -88.5 needs 2^128 in exp(88.5)'s scaling.
+EXTREMES = [-100.0, -88.75, -88.5, -87.6, -20.0, -0.0, 0.0, 1e-40, 3.0, 88.5, 100.0,
+            float("inf"), float("-inf"), float("nan")]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_silu_mul_keeps_eager_results_at_the_extremes(isa, dtype) -> None:
+    gate = torch.tensor(EXTREMES).repeat(3, 1).to(dtype)  # 14 lanes: a tail on both ISAs
+    up = torch.ones_like(gate)
+    fused = FusedElementwise(dtype, isa).silu_mul(gate.clone(), up)
+    eager = torch.nn.functional.silu(gate) * up
+    step = torch.finfo(dtype).eps * (1 if dtype == torch.bfloat16 else 4)
+    torch.testing.assert_close(fused, eager, rtol=step, atol=0, equal_nan=True)
+
+
+@pytest.mark.skipif(len(runnable_isas()) < 2, reason="this CPU runs one ISA at most")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_avx2_and_avx512_builds_give_the_same_bits_where_nothing_is_summed(dtype) -> None:
+    """simd.h's two implementations agree lane for lane, exp() included: only sums across
+    lanes (RMS, softmax, scores) may differ in their last bits."""
+    gen = torch.Generator().manual_seed(6)
+    gate = torch.cat([torch.randn(5, 14, generator=gen) * 30, torch.tensor([EXTREMES])])
+    gate, up = gate.to(dtype), torch.randn(6, 14, generator=gen).to(dtype)
+    x = torch.randn(7, 3, 48, generator=gen).to(dtype)
+    angles = torch.rand(7, 1, 48, generator=gen) * 6
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    outputs = []
+    for isa in runnable_isas():
+        fused = FusedElementwise(dtype, isa)
+        outputs.append((fused.silu_mul(gate.clone(), up).view(bits),
+                        fused.rotary(x.clone(), cos, sin).view(bits)))
+    for silu, rotary in outputs[1:]:
+        assert torch.equal(silu, outputs[0][0]) and torch.equal(rotary, outputs[0][1])
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_engine_tokens_and_logprobs_equal_with_and_without_native_kernels(
-    tiny_model_factory,
+    isa, tiny_model_factory, monkeypatch, caplog
 ) -> None:
+    monkeypatch.setenv(ISA_ENV, isa)
     path = tiny_model_factory("qwen2")
     prompts = [[7 + i, 19, 33 + 2 * i][: 1 + i % 3] * (2 + i) for i in range(12)]
     params = {"temperature": 0.0, "max_new_tokens": 40, "ignore_eos": True}
     results = {}
     for disabled in (False, True):
-        with Engine(str(path), dtype="float32", device="cpu", max_total_tokens=4096,
-                    disable_native_kernels=disabled) as engine:
+        with caplog.at_level("INFO", logger="rollserve"), Engine(
+            str(path), dtype="float32", device="cpu", max_total_tokens=4096,
+            disable_native_kernels=disabled,
+        ) as engine:
             assert (engine.scheduler.runner.decode_kernel is None) == disabled
             assert (engine.scheduler.native_sampling is None) == disabled
             assert (engine.model.model.norm.fused is None) == disabled
@@ -144,27 +188,59 @@ def test_engine_tokens_and_logprobs_equal_with_and_without_native_kernels(
         pairs = zip(native["meta_info"]["output_token_logprobs"],
                     torch_path["meta_info"]["output_token_logprobs"], strict=True)
         assert max(abs(a[0] - b[0]) for a, b in pairs) < 1e-4
+    assert f"native CPU kernels: decode attention, fused elementwise, sampling ({isa} build)" \
+        in caplog.text
 
 
-@needs_kernel
-def test_kernels_refuse_tensors_they_were_not_built_for() -> None:
-    fused = make_fused_elementwise(CPU, torch.float32)
+@pytest.mark.parametrize("isa", ISAS)
+def test_kernels_refuse_tensors_they_were_not_built_for(isa) -> None:
+    fused = FusedElementwise(torch.float32, isa)
     with pytest.raises(ValueError, match="dtype"):
         fused.silu_mul(torch.ones(2, 16, dtype=torch.bfloat16), torch.ones(2, 16))
     with pytest.raises(ValueError, match="layout"):
         fused.silu_mul(torch.ones(16, 2).t(), torch.ones(2, 16))
-    attention = DecodeAttention(16, 2, torch.float32)
+    attention = DecodeAttention(16, 2, torch.float32, isa)
     k = torch.ones(2, 10, 16)
     with pytest.raises(ValueError, match="head layout"):
         attention(torch.ones(1, 3, 16), k, k, torch.ones(1, 4, dtype=torch.int64),
                   torch.ones(1, dtype=torch.int64), 0.25)
 
 
-@pytest.mark.skipif(not kernels_apply(CPU, torch.float32),
-                    reason="no AVX-512 here: the kernels never ask for a compiler")
+@pytest.mark.parametrize(("capability", "isa"), [
+    ("AVX512", "avx512"), ("AVX2", "avx2"), ("DEFAULT", None), ("NO AVX", None),
+])
+def test_the_kernels_are_built_for_the_best_isa_the_cpu_runs(capability, isa, monkeypatch) -> None:
+    monkeypatch.delenv(ISA_ENV, raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert selected_isa() == isa
+
+
+def test_forcing_an_isa_the_cpu_lacks_is_refused_with_a_clear_error(monkeypatch) -> None:
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setenv(ISA_ENV, "avx512")
+    with pytest.raises(UnsupportedIsa, match="ROLLSERVE_CPU_ISA=avx512 but this CPU offers AVX2"):
+        make_decode_attention(CPU, torch.float32, 64, 2)
+    monkeypatch.setenv(ISA_ENV, "sse4")
+    with pytest.raises(UnsupportedIsa, match="expected one of avx512, avx2, none"):
+        make_fused_elementwise(CPU, torch.float32)
+
+
+def test_isa_none_keeps_every_pytorch_path_and_says_why(monkeypatch) -> None:
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setenv(ISA_ENV, "none")
+    assert make_decode_attention(CPU, torch.bfloat16, 64, 2) is None
+    assert make_fused_elementwise(CPU, torch.bfloat16) is None
+    assert make_native_sampling(CPU) is None
+    assert make_amx_linear(CPU, torch.bfloat16) is None
+    assert why_not_native(CPU, torch.bfloat16) == "ROLLSERVE_CPU_ISA=none"
+
+
+@pytest.mark.skipif(not runnable_isas(), reason="no AVX2 here: no compiler is asked for")
+@pytest.mark.parametrize("isa", runnable_isas())
 def test_without_a_compiler_the_engine_falls_back_and_says_so(
-    tiny_model_factory, tmp_path, monkeypatch, caplog
+    isa, tiny_model_factory, tmp_path, monkeypatch, caplog
 ) -> None:
+    monkeypatch.setenv(ISA_ENV, isa)
     monkeypatch.setenv("ROLLSERVE_CACHE", str(tmp_path))  # nothing built yet
     monkeypatch.setenv("CC", "no-such-compiler")
     with caplog.at_level("WARNING"):
@@ -180,19 +256,40 @@ def test_without_a_compiler_the_engine_falls_back_and_says_so(
     assert len(out["output_ids"]) == 4
 
 
-def test_on_a_cpu_without_avx512_the_engine_runs_the_pytorch_path_and_says_why(
+def _greedy_tokens(path: str, **options: object) -> list[int]:
+    with Engine(path, dtype="float32", device="cpu", max_total_tokens=1024, **options) as engine:
+        out = engine.generate(input_ids=[1, 2, 3],
+                              sampling_params={"temperature": 0.0, "max_new_tokens": 8})
+    return out["output_ids"]
+
+
+@pytest.mark.skipif("avx2" not in runnable_isas(), reason="this CPU does not run AVX2")
+def test_an_avx2_only_cpu_runs_the_avx2_kernels_with_the_pytorch_paths_tokens(
     tiny_model_factory, monkeypatch, caplog
 ) -> None:
-    """Any machine plays an AVX2-only CPU here (torch's capability report is what the
-    kernels consult), so the fallback is checked on every CPU the suite runs on."""
+    """An AVX-512 machine plays an AVX2-only CPU here (torch's capability report is what
+    the kernels consult): the AVX2 builds run, AMX does not."""
     path = str(tiny_model_factory("qwen2"))
-    greedy = {"temperature": 0.0, "max_new_tokens": 8}
-    options = {"dtype": "float32", "device": "cpu", "max_total_tokens": 1024}
-    with Engine(path, disable_native_kernels=True, **options) as engine:
-        expected = engine.generate(input_ids=[1, 2, 3], sampling_params=greedy)["output_ids"]
+    expected = _greedy_tokens(path, disable_native_kernels=True)
+    monkeypatch.delenv(ISA_ENV, raising=False)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    with caplog.at_level("INFO", logger="rollserve"), Engine(path, **options) as engine:
-        assert engine.scheduler.runner.decode_kernel is None
-        out = engine.generate(input_ids=[1, 2, 3], sampling_params=greedy)
-    assert out["output_ids"] == expected
-    assert "native CPU kernels: none (they need AVX-512 and this CPU offers AVX2)" in caplog.text
+    assert make_amx_linear(CPU, torch.bfloat16) is None
+    with caplog.at_level("INFO", logger="rollserve"):
+        assert _greedy_tokens(path) == expected
+    assert ("native CPU kernels: decode attention, fused elementwise, sampling (avx2 build)"
+            in caplog.text)
+
+
+def test_on_a_cpu_with_neither_avx2_nor_avx512_the_engine_runs_the_pytorch_path_and_says_why(
+    tiny_model_factory, monkeypatch, caplog
+) -> None:
+    """Any machine plays a CPU without AVX2 here, so the fallback is checked on every CPU
+    the suite runs on."""
+    path = str(tiny_model_factory("qwen2"))
+    expected = _greedy_tokens(path, disable_native_kernels=True)
+    monkeypatch.delenv(ISA_ENV, raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    with caplog.at_level("INFO", logger="rollserve"):
+        assert _greedy_tokens(path) == expected
+    assert ("native CPU kernels: none (they need AVX2 or AVX-512 and this CPU offers DEFAULT)"
+            in caplog.text)

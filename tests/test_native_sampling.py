@@ -1,30 +1,25 @@
 """The native sampling kernel: the first maximum for greedy rows, and draws that follow
-softmax(logits / temperature) for the others, never picking a banned (-inf) token."""
+softmax(logits / temperature) for the others, never picking a banned (-inf) token; for
+each instruction set this CPU runs (native_isas.ISAS)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from native_isas import ISAS
 
-from rollserve.kernels.sampling import NativeSampling, make_native_sampling
-
-CPU = torch.device("cpu")
-needs_kernel = pytest.mark.skipif(
-    make_native_sampling(CPU) is None,
-    reason="no AVX-512 CPU or no C compiler: the sampler uses its PyTorch path",
-)
+from rollserve.kernels.sampling import NativeSampling
 
 
-@pytest.fixture(scope="module")
-def native() -> NativeSampling:
-    return make_native_sampling(CPU)
+@pytest.fixture(scope="module", params=ISAS)
+def native(request) -> NativeSampling:
+    return NativeSampling(request.param)
 
 
 def _grid_draws(count: int) -> torch.Tensor:
     return (torch.arange(count, dtype=torch.float64) + 0.5) / count  # evenly spread in (0, 1)
 
 
-@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_greedy_rows_take_the_first_maximum(native, dtype) -> None:
     gen = torch.Generator().manual_seed(0)
@@ -38,7 +33,6 @@ def test_greedy_rows_take_the_first_maximum(native, dtype) -> None:
     assert ids[1] == 5 and ids[2] == 1002 and ids[3] == 17
 
 
-@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_draws_follow_the_tempered_softmax(native, dtype, temperature) -> None:
@@ -54,7 +48,6 @@ def test_draws_follow_the_tempered_softmax(native, dtype, temperature) -> None:
     assert (frequencies - expected).abs().max() <= 1.0 / draws + 1e-5
 
 
-@needs_kernel
 def test_banned_tokens_are_never_drawn(native) -> None:
     vocab, draws = 40, 4000
     logits = torch.zeros(draws, vocab)
@@ -66,7 +59,6 @@ def test_banned_tokens_are_never_drawn(native) -> None:
     assert len(set(ids.tolist())) == vocab - len(banned)
 
 
-@needs_kernel
 def test_native_sampling_refuses_what_it_was_not_built_for(native) -> None:
     with pytest.raises(ValueError, match="logits"):
         native(torch.zeros(2, 8, dtype=torch.float16), torch.ones(2),

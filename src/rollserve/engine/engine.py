@@ -112,12 +112,20 @@ class Engine(GenerationAPI):
         )
         kernels = {"decode attention": decode_attention, "fused elementwise": fused,
                    "sampling": native_sampling, "AMX linear": amx}
-        in_use = ", ".join(name for name, kernel in kernels.items() if kernel is not None)
         logger.info(
             "loaded %s (%s) dtype=%s device=%s; KV pool: %d tokens; native CPU kernels: %s",
             args.model_path, config.architecture, dtype_name(self.dtype),
-            self.device, pool_size, in_use or f"none ({self._why_no_kernels()})",
+            self.device, pool_size, self._kernels_in_use(kernels),
         )
+
+    def _kernels_in_use(self, kernels: dict[str, Any]) -> str:
+        """The kernels built and the ISA they run, e.g. "decode attention, sampling (avx2
+        build)", or "none" and why."""
+        built = {name: kernel for name, kernel in kernels.items() if kernel is not None}
+        if not built:
+            return f"none ({self._why_no_kernels()})"
+        isas = ", ".join(sorted({kernel.isa for kernel in built.values()}))
+        return f"{', '.join(built)} ({isas} build)"
 
     def _why_no_kernels(self) -> str:
         if self.args.disable_native_kernels:

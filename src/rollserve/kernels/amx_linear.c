@@ -25,6 +25,10 @@
 
 #include "simd.h"
 
+#if LANES != 16
+#error "amx_linear.c is written for 16-lane AVX-512 vectors (every AMX CPU has AVX-512)"
+#endif
+
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 #define TILE_BYTES 1024 /* 16 rows x 64 bytes */
@@ -64,7 +68,7 @@ static void pack_x_chunk(const uint16_t *x, int64_t m, int64_t k, int64_t mb, in
         const int64_t row = mb * 16 + i;
         rows[i] = row < m ? _mm512_loadu_ps((const float *)(x + row * k + kc)) : _mm512_setzero_ps();
     }
-    transpose16(rows); /* 32-bit lanes: a lane is one bf16 pair */
+    transpose_block(rows); /* 32-bit lanes: a lane is one bf16 pair */
     for (int p = 0; p < 16; p++) _mm512_store_ps((float *)(tile + p * 32), rows[p]);
 }
 
@@ -73,9 +77,10 @@ static void store_block(const float *c, const uint16_t *bias, uint16_t *y, int64
                         int64_t m0, int64_t m) {
     __m512 rows[16];
     for (int i = 0; i < 16; i++) rows[i] = _mm512_load_ps(c + i * 16);
-    transpose16(rows);
-    const __m512 b = bias ? load16(bias + n0, 0xffff) : _mm512_setzero_ps();
-    for (int i = 0; i < 16 && m0 + i < m; i++) store16(y + (m0 + i) * n + n0, _mm512_add_ps(rows[i], b), 0xffff);
+    transpose_block(rows);
+    const __m512 b = bias ? load_elems(bias + n0, ALL_LANES) : _mm512_setzero_ps();
+    for (int i = 0; i < 16 && m0 + i < m; i++)
+        store_elems(y + (m0 + i) * n + n0, _mm512_add_ps(rows[i], b), ALL_LANES);
 }
 
 /* C[a][b] = W rows [16 a ..] x (x block b) for a < n_blocks, b < m_blocks (each 1 or 2),

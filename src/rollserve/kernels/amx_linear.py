@@ -27,9 +27,11 @@ class AmxUnavailable(RuntimeError):
 class AmxLinear:
     """Callable: (x [rows, k], weight [n, k], bias [n] or None), all bf16 -> [rows, n]."""
 
+    isa = "avx512"  # every AMX CPU has AVX-512; amx_linear.c is written for its 16 lanes
+
     def __init__(self) -> None:
         library = build.load_kernel("amx_linear", build.ELEMENT_MACROS[torch.bfloat16],
-                                    _AMX_FLAGS)
+                                    self.isa, _AMX_FLAGS)
         if build.bind(library, "amx_enable", [], returns=INT)() != 0:
             raise AmxUnavailable("this CPU or OS kernel does not allow AMX tiles")
         self._run = build.bind(library, "amx_linear", [
@@ -67,8 +69,9 @@ class AmxLinear:
 
 
 def make_amx_linear(device: torch.device, dtype: torch.dtype) -> AmxLinear | None:
-    """The kernel where it applies here (bf16 on a CPU with AMX), else None (oneDNN)."""
-    if dtype != torch.bfloat16 or not build.kernels_apply(device, dtype):
+    """The kernel where it applies here (bf16 on a CPU with AMX, AVX-512 selected), else None
+    (oneDNN). With ROLLSERVE_CPU_ISA=avx2 an AMX CPU runs what an AVX2-only one would."""
+    if dtype != torch.bfloat16 or build.native_isa(device, dtype) != AmxLinear.isa:
         return None
     try:
         return AmxLinear()

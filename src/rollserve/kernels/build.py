@@ -1,10 +1,16 @@
-"""Compile a C kernel of this folder into a shared library, once per machine and
-specialisation, and load it with ctypes.
+"""Compile a C kernel of this folder into a shared library, once per machine, instruction set
+and specialisation, and load it with ctypes.
+
+Each kernel is one C source written against simd.h, which implements its vector layer for
+AVX-512 and for AVX2 + FMA; the instruction set (ISA) a kernel is compiled for picks the
+implementation. The ISA is chosen at run time: the best this CPU runs, or ROLLSERVE_CPU_ISA
+(avx512, avx2 or none) for tests and benchmarks.
 
 The library lands in the rollserve cache under a name that hashes the source (and the
-shared headers), the macros, the flags and the compiler, so an edit or another model shape
-builds a new one. It is compiled into a temporary file and renamed into place: concurrent
-processes (test workers, engines of one fleet) never load half a library.
+shared headers), the macros, the flags (the ISA's among them) and the compiler, so an edit,
+another ISA or another model shape builds a new one. It is compiled into a temporary file
+and renamed into place: concurrent processes (test workers, engines of one fleet) never load
+half a library.
 """
 
 from __future__ import annotations
@@ -24,8 +30,20 @@ from rollserve.cache import cache_dir
 KERNEL_DIR = Path(__file__).parent
 # -ffp-contract=off: no fused multiply-adds where the C says multiply, round, add (the
 # kernels reproduce the roundings of eager PyTorch ops).
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-ffp-contract=off", "-fopenmp",
-         "-shared", "-fPIC", f"-I{KERNEL_DIR}")
+FLAGS = ("-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", f"-I{KERNEL_DIR}")
+
+# The instruction sets the kernels are built for, best first, with the flags that select
+# simd.h's implementation (and let the compiler use nothing beyond the ISA).
+ISA_FLAGS: dict[str, tuple[str, ...]] = {
+    "avx512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"),
+    "avx2": ("-mavx2", "-mfma"),
+}
+# torch's CPU capability -> the ISAs this CPU runs, best first. torch reports "AVX512" only
+# with AVX-512 F/BW/VL/DQ and FMA, "AVX2" only with FMA (and caps both at
+# ATEN_CPU_CAPABILITY); "DEFAULT" and non-x86 reports run neither.
+_RUNNABLE = {"AVX512": ("avx512", "avx2"), "AVX2": ("avx2",)}
+ISA_ENV = "ROLLSERVE_CPU_ISA"
+NO_ISA = "none"  # ROLLSERVE_CPU_ISA=none: the PyTorch path everywhere
 
 
 # How each supported storage dtype is spelled for the kernels' ELEM macros.
@@ -43,6 +61,10 @@ class KernelBuildError(RuntimeError):
     pass
 
 
+class UnsupportedIsa(ValueError):
+    """ROLLSERVE_CPU_ISA names an ISA this CPU does not run, or none the kernels know."""
+
+
 def bind(
     library: ctypes.CDLL, name: str, argtypes: list[type], returns: type | None = None
 ) -> ctypes._CFuncPtr:
@@ -58,9 +80,38 @@ def require(condition: bool, what: str) -> None:
         raise ValueError(f"native kernel called with unsupported {what}")
 
 
-def kernels_apply(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the native kernels can serve tensors of this device and dtype here."""
-    return why_not_native(device, dtype) is None
+def runnable_isas() -> tuple[str, ...]:
+    """The ISAs of ISA_FLAGS this CPU runs, best first (empty: the PyTorch path only)."""
+    return _RUNNABLE.get(torch.backends.cpu.get_cpu_capability(), ())
+
+
+def selected_isa() -> str | None:
+    """The ISA the kernels are built for: ROLLSERVE_CPU_ISA when set, else the best this CPU
+    runs; None for the PyTorch path. Raises UnsupportedIsa for an ISA this CPU lacks (a
+    forced ISA that silently fell back would measure or test the wrong kernels)."""
+    runnable = runnable_isas()
+    requested = os.environ.get(ISA_ENV, "").strip().lower()
+    if not requested:
+        return runnable[0] if runnable else None
+    if requested == NO_ISA:
+        return None
+    if requested not in ISA_FLAGS:
+        raise UnsupportedIsa(
+            f"{ISA_ENV}={requested!r}: expected one of {', '.join((*ISA_FLAGS, NO_ISA))}"
+        )
+    if requested not in runnable:
+        raise UnsupportedIsa(
+            f"{ISA_ENV}={requested} but this CPU offers "
+            f"{torch.backends.cpu.get_cpu_capability()} (it runs: "
+            f"{', '.join((*runnable, NO_ISA))})"
+        )
+    return requested
+
+
+def native_isa(device: torch.device, dtype: torch.dtype) -> str | None:
+    """The ISA the native kernels serve this device and dtype with here, or None where
+    they do not (why_not_native says why)."""
+    return None if why_not_native(device, dtype) else selected_isa()
 
 
 def why_not_native(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -69,29 +120,31 @@ def why_not_native(device: torch.device, dtype: torch.dtype) -> str | None:
         return f"they are CPU kernels and the engine runs on {device.type}"
     if dtype not in ELEMENT_MACROS:
         return f"they take bfloat16 or float32, not {str(dtype).removeprefix('torch.')}"
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability != "AVX512":
-        return f"they need AVX-512 and this CPU offers {capability}"
+    if selected_isa() is None:
+        if runnable_isas():
+            return f"{ISA_ENV}={NO_ISA}"
+        capability = torch.backends.cpu.get_cpu_capability()
+        return f"they need AVX2 or AVX-512 and this CPU offers {capability}"
     return None
 
 
 def load_kernel(
-    name: str, macros: dict[str, str | int], extra_flags: tuple[str, ...] = ()
+    name: str, macros: dict[str, str | int], isa: str, extra_flags: tuple[str, ...] = ()
 ) -> ctypes.CDLL:
-    """The compiled `name`.c with `macros` defined (and `extra_flags`, such as instruction
-    sets only some kernels use); raises KernelBuildError with the compiler's message when it
-    cannot be built."""
+    """The compiled `name`.c for `isa` with `macros` defined (and `extra_flags`, such as
+    instruction sets only some kernels use); raises KernelBuildError with the compiler's
+    message when it cannot be built."""
     compiler = os.environ.get("CC", "gcc")
     if shutil.which(compiler) is None:
         raise KernelBuildError(f"no C compiler ({compiler!r}) on PATH")
     sources = [(KERNEL_DIR / f"{name}.c").read_text()]
     sources += [header.read_text() for header in sorted(KERNEL_DIR.glob("*.h"))]
     defines = tuple(f"-D{key}={value}" for key, value in sorted(macros.items()))
-    options = (*extra_flags, *defines)
+    options = (*ISA_FLAGS[isa], *extra_flags, *defines)
     digest = hashlib.sha256(
         "\0".join((*sources, compiler, *FLAGS, *options)).encode()
     ).hexdigest()
-    target = cache_dir() / "kernels" / f"{name}-{digest[:16]}.so"
+    target = cache_dir() / "kernels" / f"{name}-{isa}-{digest[:16]}.so"
     if not target.is_file():
         _compile(compiler, KERNEL_DIR / f"{name}.c", options, target)
     return ctypes.CDLL(str(target))

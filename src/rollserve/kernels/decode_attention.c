@@ -1,5 +1,5 @@
-/* Decode attention on CPU (AVX-512): one query token per sequence against that sequence's
- * K/V rows, read in place from the KV pool through the slot table.
+/* Decode attention on CPU (AVX-512 or AVX2, see simd.h): one query token per sequence against
+ * that sequence's K/V rows, read in place from the KV pool through the slot table.
  *
  * The PyTorch path gathers every sequence's K/V rows into a padded copy and runs two batched
  * matmuls over it, which moves the cached K/V through memory three or four times. This kernel
@@ -8,8 +8,8 @@
  *
  * Compiled at run time for one model: HEAD_DIM (a multiple of 16), GROUP (query heads per KV
  * head) and ELEM (uint16_t for bfloat16 storage, float for float32) are compile-time
- * constants, so the loops over heads and 16-lane chunks unroll and the accumulators stay in
- * registers.
+ * constants, so the loops over heads and LANES-wide chunks unroll and the accumulators stay
+ * in registers.
  *
  * Layouts (element strides, all row-major and contiguous):
  *   q, out     [n, kv_heads * GROUP, HEAD_DIM]
@@ -24,7 +24,7 @@
 
 #include "simd.h"
 
-#define CHUNKS (HEAD_DIM / 16)
+#define CHUNKS (HEAD_DIM / LANES)
 /* K/V rows are requested this many rows ahead of use. Rows follow the slot table, not
  * addresses, so the hardware prefetcher misses them; without this each item stalls on DRAM
  * and then computes, serially (35% more time per layer at 43-128 sequences, cold caches). */
@@ -35,57 +35,61 @@ static inline void prefetch_row(const ELEM *row) {
     for (int offset = 0; offset < ROW_BYTES; offset += 64)
         _mm_prefetch((const char *)row + offset, _MM_HINT_T0);
 }
-/* Query heads whose output accumulators (CHUNKS registers each) are live at once. */
-#define HEAD_BLOCK (GROUP * CHUNKS <= 28 ? GROUP : (28 / CHUNKS > 0 ? 28 / CHUNKS : 1))
+/* Query heads whose output accumulators (CHUNKS registers each) are live at once: all the
+ * registers but a few for the V chunk, the broadcast probability and addresses. */
+#define ACCUMULATORS (VREGS - 4)
+#define HEAD_BLOCK (GROUP * CHUNKS <= ACCUMULATORS ? GROUP \
+                    : (ACCUMULATORS / CHUNKS > 0 ? ACCUMULATORS / CHUNKS : 1))
 
 /* scores[h * len + t] = scale * q_h . k_t for the GROUP heads of one item. */
 #if GROUP >= 4
-/* Many heads share each K row: transpose blocks of 16 rows so that 16 tokens' scores build up
- * in one register per head with plain FMAs (no horizontal sum per score). */
+/* Many heads share each K row: transpose blocks of LANES rows so that LANES tokens' scores
+ * build up in one register per head with plain FMAs (no horizontal sum per score). */
 static void item_scores(const ELEM *q, const ELEM *k, const int64_t *slots, int64_t len,
                         float scale, float *scores) {
     float qf[GROUP][HEAD_DIM] __attribute__((aligned(64)));
     for (int h = 0; h < GROUP; h++)
         for (int c = 0; c < CHUNKS; c++)
-            _mm512_store_ps(&qf[h][c * 16], _mm512_mul_ps(load16(q + h * HEAD_DIM + c * 16, 0xffff),
-                                                          _mm512_set1_ps(scale)));
-    for (int64_t first = 0; first < len; first += 16) {
-        const int count = len - first < 16 ? (int)(len - first) : 16;
-        const ELEM *rows[16];
-        for (int j = 0; j < 16; j++) /* lanes past the end reread row 0; never stored */
+            store_floats(&qf[h][c * LANES],
+                         load_elems(q + h * HEAD_DIM + c * LANES, ALL_LANES) * vset1(scale),
+                         ALL_LANES);
+    for (int64_t first = 0; first < len; first += LANES) {
+        const int count = len - first < LANES ? (int)(len - first) : LANES;
+        const ELEM *rows[LANES];
+        for (int j = 0; j < LANES; j++) /* lanes past the end reread row 0; never stored */
             rows[j] = k + slots[first + (j < count ? j : 0)] * HEAD_DIM;
-        for (int64_t t = first + PREFETCH_ROWS; t < first + PREFETCH_ROWS + 16 && t < len; t++)
+        for (int64_t t = first + PREFETCH_ROWS; t < first + PREFETCH_ROWS + LANES && t < len; t++)
             prefetch_row(k + slots[t] * HEAD_DIM);
-        __m512 acc[GROUP];
-        for (int h = 0; h < GROUP; h++) acc[h] = _mm512_setzero_ps();
+        vfloat acc[GROUP];
+        for (int h = 0; h < GROUP; h++) acc[h] = vzero();
         for (int c = 0; c < CHUNKS; c++) {
-            __m512 block[16];
-            for (int j = 0; j < 16; j++) block[j] = load16(rows[j] + c * 16, 0xffff);
-            transpose16(block);
+            vfloat block[LANES];
+            for (int j = 0; j < LANES; j++) block[j] = load_elems(rows[j] + c * LANES, ALL_LANES);
+            transpose_block(block);
             for (int h = 0; h < GROUP; h++)
-                for (int d = 0; d < 16; d++)
-                    acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(qf[h][c * 16 + d]), block[d], acc[h]);
+                for (int d = 0; d < LANES; d++)
+                    acc[h] = vfmadd(vset1(qf[h][c * LANES + d]), block[d], acc[h]);
         }
-        const __mmask16 mask = tail_mask(count);
-        for (int h = 0; h < GROUP; h++) _mm512_mask_storeu_ps(scores + h * len + first, mask, acc[h]);
+        const vmask mask = tail_mask(count);
+        for (int h = 0; h < GROUP; h++) store_floats(scores + h * len + first, acc[h], mask);
     }
 }
 #else
 static void item_scores(const ELEM *q, const ELEM *k, const int64_t *slots, int64_t len,
                         float scale, float *scores) {
-    __m512 qf[GROUP][CHUNKS];
+    vfloat qf[GROUP][CHUNKS];
     for (int h = 0; h < GROUP; h++)
         for (int c = 0; c < CHUNKS; c++)
-            qf[h][c] = _mm512_mul_ps(load16(q + h * HEAD_DIM + c * 16, 0xffff), _mm512_set1_ps(scale));
+            qf[h][c] = load_elems(q + h * HEAD_DIM + c * LANES, ALL_LANES) * vset1(scale);
     for (int64_t t = 0; t < len; t++) {
         if (t + PREFETCH_ROWS < len) prefetch_row(k + slots[t + PREFETCH_ROWS] * HEAD_DIM);
         const ELEM *row = k + slots[t] * HEAD_DIM;
-        __m512 kf[CHUNKS];
-        for (int c = 0; c < CHUNKS; c++) kf[c] = load16(row + c * 16, 0xffff);
+        vfloat kf[CHUNKS];
+        for (int c = 0; c < CHUNKS; c++) kf[c] = load_elems(row + c * LANES, ALL_LANES);
         for (int h = 0; h < GROUP; h++) {
-            __m512 acc = _mm512_mul_ps(qf[h][0], kf[0]);
-            for (int c = 1; c < CHUNKS; c++) acc = _mm512_fmadd_ps(qf[h][c], kf[c], acc);
-            scores[h * len + t] = _mm512_reduce_add_ps(acc);
+            vfloat acc = qf[h][0] * kf[0];
+            for (int c = 1; c < CHUNKS; c++) acc = vfmadd(qf[h][c], kf[c], acc);
+            scores[h * len + t] = reduce_add(acc);
         }
     }
 }
@@ -95,45 +99,44 @@ static void item_scores(const ELEM *q, const ELEM *k, const int64_t *slots, int6
 static void item_softmax(float *scores, int64_t len, float *inv_sum) {
     for (int h = 0; h < GROUP; h++) {
         float *s = scores + h * len;
-        __m512 vmax = _mm512_set1_ps(-__builtin_inff());
-        for (int64_t t = 0; t < len; t += 16) {
-            const __mmask16 m = tail_mask(len - t);
-            vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(vmax, m, s + t));
+        const vfloat minus_inf = vset1(-__builtin_inff());
+        vfloat most = minus_inf;
+        for (int64_t t = 0; t < len; t += LANES) {
+            const vmask m = tail_mask(len - t);
+            most = vmax(most, vselect(mask_pred(m), load_floats(s + t, m), minus_inf));
         }
-        __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
-        __m512 vsum = _mm512_setzero_ps();
-        for (int64_t t = 0; t < len; t += 16) {
-            const __mmask16 m = tail_mask(len - t);
-            __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t), top));
-            e = _mm512_maskz_mov_ps(m, e);
-            _mm512_mask_storeu_ps(s + t, m, e);
-            vsum = _mm512_add_ps(vsum, e);
+        const vfloat top = vset1(reduce_max(most));
+        vfloat sum = vzero();
+        for (int64_t t = 0; t < len; t += LANES) {
+            const vmask m = tail_mask(len - t);
+            const vfloat e = vselect(mask_pred(m), vexp(load_floats(s + t, m) - top), vzero());
+            store_floats(s + t, e, m);
+            sum = sum + e;
         }
-        inv_sum[h] = 1.0f / _mm512_reduce_add_ps(vsum);
+        inv_sum[h] = 1.0f / reduce_add(sum);
     }
 }
 
 /* out_h = sum_t p[h][t] * v_t / sum_h, for heads [first, first + HEAD_BLOCK) of the item. */
 static void item_values(const ELEM *v, const int64_t *slots, int64_t len, const float *probs,
                         const float *inv_sum, int first, ELEM *out) {
-    __m512 acc[HEAD_BLOCK][CHUNKS];
+    vfloat acc[HEAD_BLOCK][CHUNKS];
     for (int h = 0; h < HEAD_BLOCK; h++)
-        for (int c = 0; c < CHUNKS; c++) acc[h][c] = _mm512_setzero_ps();
+        for (int c = 0; c < CHUNKS; c++) acc[h][c] = vzero();
     for (int64_t t = 0; t < len; t++) {
         if (t + PREFETCH_ROWS < len) prefetch_row(v + slots[t + PREFETCH_ROWS] * HEAD_DIM);
         const ELEM *row = v + slots[t] * HEAD_DIM;
         for (int c = 0; c < CHUNKS; c++) {
-            __m512 vf = load16(row + c * 16, 0xffff);
+            const vfloat vf = load_elems(row + c * LANES, ALL_LANES);
             for (int h = 0; h < HEAD_BLOCK; h++)
                 if (first + h < GROUP)
-                    acc[h][c] = _mm512_fmadd_ps(
-                        _mm512_set1_ps(probs[(first + h) * len + t]), vf, acc[h][c]);
+                    acc[h][c] = vfmadd(vset1(probs[(first + h) * len + t]), vf, acc[h][c]);
         }
     }
     for (int h = 0; h < HEAD_BLOCK && first + h < GROUP; h++)
         for (int c = 0; c < CHUNKS; c++)
-            store16(out + (first + h) * HEAD_DIM + c * 16,
-                    _mm512_mul_ps(acc[h][c], _mm512_set1_ps(inv_sum[first + h])), 0xffff);
+            store_elems(out + (first + h) * HEAD_DIM + c * LANES,
+                        acc[h][c] * vset1(inv_sum[first + h]), ALL_LANES);
 }
 
 /* Returns 0, or -1 when scratch memory cannot be had (nothing is written then). */

@@ -1,8 +1,9 @@
-"""Decode attention through the AVX-512 kernel in decode_attention.c (CPU, bf16 or float32).
+"""Decode attention through the kernel in decode_attention.c (CPU, bf16 or float32; built
+for AVX-512 or AVX2, see build.selected_isa).
 
 `make_decode_attention` returns None wherever the kernel does not apply (another device or
-dtype, a head size that is no multiple of 16, a CPU without AVX-512, no C compiler): the
-engine then keeps its PyTorch path, which computes the same attention.
+dtype, a head size that is no multiple of 16, a CPU with neither AVX2 nor AVX-512, no C
+compiler): the engine then keeps its PyTorch path, which computes the same attention.
 """
 
 from __future__ import annotations
@@ -21,15 +22,15 @@ class DecodeAttention:
     """Callable: (q [n, heads, dim], k, v [kv_heads, pool_slots, dim] of one layer,
     kv_slots [n, max_len] int64, kv_lens [n] int64, scale) -> [n, heads, dim]."""
 
-    def __init__(self, head_dim: int, group: int, dtype: torch.dtype) -> None:
+    def __init__(self, head_dim: int, group: int, dtype: torch.dtype, isa: str) -> None:
         library = build.load_kernel("decode_attention", {
             "HEAD_DIM": head_dim, "GROUP": group, **build.ELEMENT_MACROS[dtype],
-        })
+        }, isa)
         self._run = build.bind(library, "decode_attention", [
             POINTER, POINTER, POINTER, INT64, POINTER, INT64, POINTER, POINTER, INT64, INT64,
             FLOAT, INT,
         ], returns=INT)
-        self.head_dim, self.group, self.dtype = head_dim, group, dtype
+        self.head_dim, self.group, self.dtype, self.isa = head_dim, group, dtype, isa
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_slots: torch.Tensor,
@@ -59,10 +60,11 @@ def make_decode_attention(
     device: torch.device, dtype: torch.dtype, head_dim: int, group: int
 ) -> DecodeAttention | None:
     """The kernel where it applies here, else None (the caller keeps the PyTorch path)."""
-    if not build.kernels_apply(device, dtype) or head_dim % 16:
+    isa = build.native_isa(device, dtype)
+    if isa is None or head_dim % 16:
         return None
     try:
-        return DecodeAttention(head_dim, group, dtype)
+        return DecodeAttention(head_dim, group, dtype, isa)
     except build.KernelBuildError as exc:
         logger.warning("decode-attention kernel unavailable, using the PyTorch path: %s", exc)
         return None

@@ -6,7 +6,7 @@
  * rounds its output to the tensor dtype), so results equal the eager path's up to the
  * summation order of the RMS and the last bit of exp().
  *
- * Rows are split across `threads` OpenMP threads; within a row, 16 lanes at a time.
+ * Rows are split across `threads` OpenMP threads; within a row, LANES at a time (simd.h).
  */
 #include <stdint.h>
 
@@ -21,23 +21,23 @@ void rms_norm(const ELEM *x, ELEM *residual, const ELEM *weight, ELEM *out, int6
     for (int64_t r = 0; r < rows; r++) {
         const ELEM *in = x + r * size;
         ELEM *res = residual ? residual + r * size : 0;
-        __m512 squares = _mm512_setzero_ps();
-        for (int64_t i = 0; i < size; i += 16) {
-            const __mmask16 m = tail_mask(size - i);
-            __m512 v = load16(in + i, m);
+        vfloat squares = vzero();
+        for (int64_t i = 0; i < size; i += LANES) {
+            const vmask m = tail_mask(size - i);
+            vfloat v = load_elems(in + i, m);
             if (res) {
-                v = round16(_mm512_add_ps(v, load16(res + i, m)));
-                store16(res + i, v, m);
+                v = round_elems(v + load_elems(res + i, m));
+                store_elems(res + i, v, m);
             }
-            squares = _mm512_fmadd_ps(v, v, squares);
+            squares = vfmadd(v, v, squares);
         }
-        const float mean = _mm512_reduce_add_ps(squares) / (float)size;
-        const __m512 inv_rms = _mm512_set1_ps(1.0f / __builtin_sqrtf(mean + eps));
+        const float mean = reduce_add(squares) / (float)size;
+        const vfloat inv_rms = vset1(1.0f / __builtin_sqrtf(mean + eps));
         const ELEM *src = res ? res : in;
-        for (int64_t i = 0; i < size; i += 16) {
-            const __mmask16 m = tail_mask(size - i);
-            __m512 normed = round16(_mm512_mul_ps(load16(src + i, m), inv_rms));
-            store16(out + r * size + i, _mm512_mul_ps(load16(weight + i, m), normed), m);
+        for (int64_t i = 0; i < size; i += LANES) {
+            const vmask m = tail_mask(size - i);
+            const vfloat normed = round_elems(load_elems(src + i, m) * inv_rms);
+            store_elems(out + r * size + i, load_elems(weight + i, m) * normed, m);
         }
     }
 }
@@ -46,12 +46,11 @@ void rms_norm(const ELEM *x, ELEM *residual, const ELEM *weight, ELEM *out, int6
 void silu_mul(ELEM *gate, const ELEM *up, int64_t rows, int64_t size, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
-        for (int64_t i = r * size; i < (r + 1) * size; i += 16) {
-            const __mmask16 m = tail_mask((r + 1) * size - i);
-            const __m512 g = load16(gate + i, m);
-            const __m512 silu = _mm512_div_ps(
-                g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-            store16(gate + i, _mm512_mul_ps(round16(silu), load16(up + i, m)), m);
+        for (int64_t i = r * size; i < (r + 1) * size; i += LANES) {
+            const vmask m = tail_mask((r + 1) * size - i);
+            const vfloat g = load_elems(gate + i, m);
+            const vfloat silu = g / (vset1(1.0f) + vexp(vzero() - g));
+            store_elems(gate + i, round_elems(silu) * load_elems(up + i, m), m);
         }
     }
 }
@@ -67,18 +66,15 @@ void rotary(ELEM *x, const ELEM *cos, const ELEM *sin, int64_t tokens, int64_t h
         const ELEM *c = cos + t * head_dim, *s = sin + t * head_dim;
         for (int64_t h = 0; h < heads; h++) {
             ELEM *v = x + t * token_stride + h * head_dim;
-            for (int64_t i = 0; i < half; i += 16) {
-                const __mmask16 m = tail_mask(half - i);
-                const __m512 a = load16(v + i, m), b = load16(v + half + i, m);
-                const __m512 first = _mm512_add_ps(
-                    round16(_mm512_mul_ps(a, load16(c + i, m))),
-                    round16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), b),
-                                          load16(s + i, m))));
-                const __m512 second = _mm512_add_ps(
-                    round16(_mm512_mul_ps(b, load16(c + half + i, m))),
-                    round16(_mm512_mul_ps(a, load16(s + half + i, m))));
-                store16(v + i, first, m);
-                store16(v + half + i, second, m);
+            for (int64_t i = 0; i < half; i += LANES) {
+                const vmask m = tail_mask(half - i);
+                const vfloat a = load_elems(v + i, m), b = load_elems(v + half + i, m);
+                const vfloat first = round_elems(a * load_elems(c + i, m))
+                                     + round_elems((vzero() - b) * load_elems(s + i, m));
+                const vfloat second = round_elems(b * load_elems(c + half + i, m))
+                                      + round_elems(a * load_elems(s + half + i, m));
+                store_elems(v + i, first, m);
+                store_elems(v + half + i, second, m);
             }
         }
     }

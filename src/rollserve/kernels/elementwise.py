@@ -1,6 +1,6 @@
 """Fused RMSNorm (with the residual add before it), SwiGLU and rotary embedding on CPU, one
 pass over memory each, through elementwise.c (bf16 or float32; same roundings as the eager
-PyTorch ops they replace)."""
+PyTorch ops they replace; built for AVX-512 or AVX2, see build.selected_isa)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ logger = logging.getLogger(__name__)
 
 
 class FusedElementwise:
-    def __init__(self, dtype: torch.dtype) -> None:
-        library = build.load_kernel("elementwise", build.ELEMENT_MACROS[dtype])
+    def __init__(self, dtype: torch.dtype, isa: str) -> None:
+        library = build.load_kernel("elementwise", build.ELEMENT_MACROS[dtype], isa)
         self._rms_norm = build.bind(
             library, "rms_norm", [POINTER, POINTER, POINTER, POINTER, INT64, INT64, FLOAT, INT]
         )
@@ -24,7 +24,7 @@ class FusedElementwise:
         self._rotary = build.bind(
             library, "rotary", [POINTER, POINTER, POINTER, INT64, INT64, INT64, INT64, INT]
         )
-        self.dtype = dtype
+        self.dtype, self.isa = dtype, isa
 
     def rms_norm(
         self, x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -72,10 +72,11 @@ class FusedElementwise:
 
 def make_fused_elementwise(device: torch.device, dtype: torch.dtype) -> FusedElementwise | None:
     """The fused kernels where they apply here, else None (the model keeps eager ops)."""
-    if not build.kernels_apply(device, dtype):
+    isa = build.native_isa(device, dtype)
+    if isa is None:
         return None
     try:
-        return FusedElementwise(dtype)
+        return FusedElementwise(dtype, isa)
     except build.KernelBuildError as exc:
         logger.warning("fused elementwise kernels unavailable, using eager ops: %s", exc)
         return None

@@ -10,6 +10,7 @@
  * [rows] double in (0, 1]; out [rows] int64. NaN logits are never picked.
  */
 #include <omp.h>
+#include <stdint.h>
 #include <stdlib.h>
 
 #include "simd.h"
@@ -17,43 +18,43 @@
 /* Index of the first maximum of x (lanes keep their first maximum; ties go to the lowest
  * index across lanes); *max_out receives the maximum. */
 static int64_t row_argmax(const ELEM *x, int64_t vocab, float *max_out) {
-    __m512 best = _mm512_set1_ps(-__builtin_inff());
-    __m512i best_index = _mm512_set1_epi32(0);
-    __m512i index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    for (int64_t i = 0; i < vocab; i += 16) {
-        const __m512 v = load16(x + i, tail_mask(vocab - i));
-        const __mmask16 better = _mm512_mask_cmp_ps_mask(tail_mask(vocab - i), v, best, _CMP_GT_OQ);
-        best = _mm512_mask_mov_ps(best, better, v);
-        best_index = _mm512_mask_mov_epi32(best_index, better, index);
-        index = _mm512_add_epi32(index, _mm512_set1_epi32(16));
+    vfloat best = vset1(-__builtin_inff());
+    vint best_index = vint_set1(0), index = vint_iota();
+    for (int64_t i = 0; i < vocab; i += LANES) {
+        const vmask m = tail_mask(vocab - i);
+        const vfloat v = load_elems(x + i, m);
+        const vpred better = pred_and(mask_pred(m), vcmp(v, best, _CMP_GT_OQ));
+        best = vselect(better, v, best);
+        best_index = vselect_int(better, index, best_index);
+        index = vint_add(index, vint_set1(LANES));
     }
-    const float top = _mm512_reduce_max_ps(best);
-    const __mmask16 at_top = _mm512_cmp_ps_mask(best, _mm512_set1_ps(top), _CMP_EQ_OQ);
-    const __m512i candidates = _mm512_mask_mov_epi32(_mm512_set1_epi32(0x7fffffff), at_top, best_index);
+    const float top = reduce_max(best);
+    const vpred at_top = vcmp(best, vset1(top), _CMP_EQ_OQ);
     *max_out = top;
-    return _mm512_reduce_min_epi32(candidates); /* at_top is never empty: top is not NaN */
+    /* at_top is never empty: top is not NaN */
+    return reduce_min_int(vselect_int(at_top, best_index, vint_set1(INT32_MAX)));
 }
 
-/* exp((x - top) / temperature) for 16 tokens from i. Exactly 0 for lanes past the
+/* exp((x - top) / temperature) for LANES tokens from i. Exactly 0 for lanes past the
  * vocabulary and for -inf (banned) or NaN logits, so those are never drawn. */
-static inline __m512 weights16(const ELEM *x, int64_t i, int64_t vocab, float top, float inv_t) {
-    const __m512 v = load16(x + i, tail_mask(vocab - i));
-    const __mmask16 live = _mm512_mask_cmp_ps_mask(tail_mask(vocab - i), v,
-                                                   _mm512_set1_ps(-__builtin_inff()), _CMP_NEQ_OQ);
-    const __m512 scaled = _mm512_mul_ps(_mm512_sub_ps(v, _mm512_set1_ps(top)), _mm512_set1_ps(inv_t));
-    return _mm512_maskz_mov_ps(live, exp16(scaled));
+static inline vfloat block_weights(const ELEM *x, int64_t i, int64_t vocab, float top,
+                                   float inv_t) {
+    const vmask m = tail_mask(vocab - i);
+    const vfloat v = load_elems(x + i, m);
+    const vpred live = pred_and(mask_pred(m), vcmp(v, vset1(-__builtin_inff()), _CMP_NEQ_OQ));
+    return vselect(live, vexp((v - vset1(top)) * vset1(inv_t)), vzero());
 }
 
 /* The first token whose cumulative weight reaches draw * total. block_sums has one entry per
- * 16 tokens; the walk skips whole blocks, then goes token by token inside the one that
+ * LANES tokens; the walk skips whole blocks, then goes token by token inside the one that
  * crosses. Rounding may leave the target just out of reach inside that block: the block's
  * last token with weight is taken then. */
 static int64_t row_draw(const ELEM *x, int64_t vocab, float top, float inv_t, double draw,
                         float *block_sums) {
-    const int64_t blocks = (vocab + 15) / 16;
+    const int64_t blocks = (vocab + LANES - 1) / LANES;
     double total = 0.0;
     for (int64_t b = 0; b < blocks; b++) {
-        block_sums[b] = _mm512_reduce_add_ps(weights16(x, b * 16, vocab, top, inv_t));
+        block_sums[b] = reduce_add(block_weights(x, b * LANES, vocab, top, inv_t));
         total += block_sums[b];
     }
     const double target = draw * total;
@@ -63,12 +64,12 @@ static int64_t row_draw(const ELEM *x, int64_t vocab, float top, float inv_t, do
             cumulative += block_sums[b];
             continue;
         }
-        float w[16];
-        _mm512_storeu_ps(w, weights16(x, b * 16, vocab, top, inv_t));
+        float w[LANES];
+        store_floats(w, block_weights(x, b * LANES, vocab, top, inv_t), ALL_LANES);
         int64_t last = -1;
-        for (int j = 0; j < 16 && b * 16 + j < vocab; j++) {
+        for (int j = 0; j < LANES && b * LANES + j < vocab; j++) {
             if (w[j] <= 0.0f) continue;
-            last = b * 16 + j;
+            last = b * LANES + j;
             cumulative += w[j];
             if (cumulative >= target) return last;
         }
@@ -80,7 +81,8 @@ static int64_t row_draw(const ELEM *x, int64_t vocab, float top, float inv_t, do
 /* Returns 0, or -1 when scratch memory cannot be had (nothing is written then). */
 int sample_rows(const ELEM *logits, int64_t rows, int64_t vocab, const float *temperatures,
                 const double *draws, int64_t *out, int threads) {
-    const int64_t stride = ((vocab + 15) / 16 + 15) / 16 * 16; /* floats per thread, 64 B aligned */
+    /* block sums per thread, rounded up to 16 floats: each thread's 64 B aligned */
+    const int64_t stride = ((vocab + LANES - 1) / LANES + 15) / 16 * 16;
     float *scratch = aligned_alloc(64, (size_t)(threads * stride) * sizeof(float));
     if (scratch == NULL) return -1;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)

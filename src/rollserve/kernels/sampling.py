@@ -1,6 +1,7 @@
-"""Next-token draws through the AVX-512 kernel in sampling.c: argmax for greedy rows, else a
-draw from softmax(logits / temperature), for batches where no row filters its candidates
-(top-k, top-p, min-p). The sampler keeps its PyTorch path for everything else."""
+"""Next-token draws through the kernel in sampling.c (built for AVX-512 or AVX2, see
+build.selected_isa): argmax for greedy rows, else a draw from softmax(logits / temperature),
+for batches where no row filters its candidates (top-k, top-p, min-p). The sampler keeps its
+PyTorch path for everything else."""
 
 from __future__ import annotations
 
@@ -18,14 +19,15 @@ class NativeSampling:
     """Callable: (logits [rows, vocab] bf16 or float32, temperatures [rows] float32 (0:
     greedy), draws [rows] float64 in (0, 1]) -> token ids [rows] int64."""
 
-    def __init__(self) -> None:
+    def __init__(self, isa: str) -> None:
         # Logits arrive in the model dtype, or in float32 once penalties or bans apply.
         self._by_dtype = {
-            dtype: build.bind(build.load_kernel("sampling", macros), "sample_rows", [
+            dtype: build.bind(build.load_kernel("sampling", macros, isa), "sample_rows", [
                 POINTER, INT64, INT64, POINTER, POINTER, POINTER, INT,
             ], returns=INT)
             for dtype, macros in build.ELEMENT_MACROS.items()
         }
+        self.isa = isa
 
     def serves(self, logits: torch.Tensor) -> bool:
         return logits.dtype in self._by_dtype and logits.device.type == "cpu"
@@ -52,10 +54,11 @@ class NativeSampling:
 
 def make_native_sampling(device: torch.device) -> NativeSampling | None:
     """The kernel where it applies here, else None (the sampler keeps its PyTorch path)."""
-    if not build.kernels_apply(device, torch.float32):
+    isa = build.native_isa(device, torch.float32)
+    if isa is None:
         return None
     try:
-        return NativeSampling()
+        return NativeSampling(isa)
     except build.KernelBuildError as exc:
         logger.warning("native sampling unavailable, using the PyTorch path: %s", exc)
         return None
