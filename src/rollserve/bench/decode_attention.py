@@ -1,4 +1,5 @@
-"""Decode attention over a 24-layer KV pool: the native kernel against the PyTorch path.
+"""Decode attention over a 24-layer KV pool: the native kernel, built for each instruction set
+this CPU runs, against the PyTorch path.
 
     python -m rollserve.bench.decode_attention --sequences 128 --kv-len 558
 
@@ -17,7 +18,8 @@ from collections.abc import Callable
 
 import torch
 
-from rollserve.kernels.decode_attention import DecodeAttention, make_decode_attention
+from rollserve.kernels.build import runnable_isas
+from rollserve.kernels.decode_attention import DecodeAttention
 from rollserve.models.attention import AttentionBatch, paged_attention
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM = 24, 14, 2, 64
@@ -51,10 +53,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kv-len", type=int, default=558)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
-    cpu, dtype = torch.device("cpu"), torch.bfloat16
-    kernel = make_decode_attention(cpu, dtype, HEAD_DIM, HEADS // KV_HEADS)
-    if kernel is None:
+    dtype = torch.bfloat16
+    if not runnable_isas():
         raise SystemExit("the decode-attention kernel does not apply on this machine")
+    kernels = {f"native {isa}": DecodeAttention(HEAD_DIM, HEADS // KV_HEADS, dtype, isa)
+               for isa in runnable_isas()}
     n, kv_len = args.sequences, args.kv_len
     gen = torch.Generator().manual_seed(0)
     shape = (LAYERS, KV_HEADS, n * kv_len + 1, HEAD_DIM)
@@ -74,13 +77,13 @@ def main(argv: list[str] | None = None) -> None:
         return lambda layer: paged_attention(layer, q, k_new, k_new, batch, HEAD_DIM**-0.5)
 
     peer = median_seconds(attend_with(None), args.repeats)
-    ours = median_seconds(attend_with(kernel), args.repeats)
     gigabytes = n * kv_len * KV_HEADS * HEAD_DIM * 2 * 2 * LAYERS / 1e9
     print(f"{n} sequences x {kv_len} cached tokens, {LAYERS} layers, {gigabytes:.2f} GB of K/V")
-    print(f"{'path':<14}{'ms':>9}{'GB/s':>8}")
-    for name, seconds in (("pytorch", peer), ("native", ours)):
-        print(f"{name:<14}{seconds * 1e3:>9.1f}{gigabytes / seconds:>8.1f}")
-    print(f"speedup: {peer / ours:.2f}")
+    print(f"{'path':<16}{'ms':>9}{'GB/s':>8}{'speedup':>9}")
+    print(f"{'pytorch':<16}{peer * 1e3:>9.1f}{gigabytes / peer:>8.1f}{1:>9.2f}")
+    for name, kernel in kernels.items():
+        ours = median_seconds(attend_with(kernel), args.repeats)
+        print(f"{name:<16}{ours * 1e3:>9.1f}{gigabytes / ours:>8.1f}{peer / ours:>9.2f}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Next-token sampling: the native CPU kernel against the sampler's PyTorch path, same logits.
+"""Next-token sampling: the native CPU kernel, built for each instruction set this CPU runs,
+against the sampler's PyTorch path, same logits.
 
     python -m rollserve.bench.sampling --batch 128 --vocab 151936
 
@@ -17,7 +18,8 @@ import torch
 from rollserve.engine.request import Req
 from rollserve.engine.sampler import sample
 from rollserve.engine.sampling_params import SamplingParams
-from rollserve.kernels.sampling import NativeSampling, make_native_sampling
+from rollserve.kernels.build import runnable_isas
+from rollserve.kernels.sampling import NativeSampling
 
 
 def median_ms(logits: torch.Tensor, temperature: float, native: NativeSampling | None,
@@ -41,16 +43,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args(argv)
-    native = make_native_sampling(torch.device("cpu"))
-    if native is None:
+    if not runnable_isas():
         raise SystemExit("the native sampling kernel does not apply on this machine")
+    natives = {isa: NativeSampling(isa) for isa in runnable_isas()}
     logits = torch.randn(args.batch, args.vocab, generator=torch.Generator().manual_seed(0))
     logits = logits.to(torch.bfloat16)
-    print(f"{'rows':<16}{'pytorch ms':>12}{'native ms':>11}{'speedup':>9}")
+    print(f"{'rows':<16}{'native':<9}{'pytorch ms':>12}{'native ms':>11}{'speedup':>9}")
     for name, temperature in (("greedy", 0.0), ("temperature 1", 1.0)):
         peer = median_ms(logits, temperature, None, args.repeats)
-        ours = median_ms(logits, temperature, native, args.repeats)
-        print(f"{name:<16}{peer:>12.1f}{ours:>11.1f}{peer / ours:>9.2f}")
+        for isa, native in natives.items():
+            ours = median_ms(logits, temperature, native, args.repeats)
+            print(f"{name:<16}{isa:<9}{peer:>12.1f}{ours:>11.1f}{peer / ours:>9.2f}")
 
 
 if __name__ == "__main__":
