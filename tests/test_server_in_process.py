@@ -53,14 +53,15 @@ def test_failed_warm_up_stops_the_server_instead_of_answering_503_forever(
     assert "engine warm-up failed" in caplog.text
 
 
-def test_server_args_check_chat_template_and_preferred_sampling_params(tmp_path) -> None:
+def test_server_args_check_chat_template_and_preferred_sampling_params(tmp_path,
+                                                                      llama_path) -> None:
     with pytest.raises(ValueError, match="neither an existing file nor a Jinja template"):
         ServerArgs(model_path="m", chat_template="chatml")
     template = tmp_path / "t.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    assert ServerArgs(model_path="m", chat_template=str(template)).chat_template
+    assert ServerArgs(model_path=str(llama_path), chat_template=str(template)).chat_template
     long_inline = "{{ messages[0]['content'] }}" + " " * 300  # no valid file name
-    assert ServerArgs(model_path="m", chat_template=long_inline)
+    assert ServerArgs(model_path=str(llama_path), chat_template=long_inline)
     with pytest.raises(ValueError, match="tempreature"):
         ServerArgs(model_path="m", preferred_sampling_params='{"tempreature": 0.5}')
     with pytest.raises(ValueError, match="top_p"):

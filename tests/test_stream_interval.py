@@ -55,10 +55,10 @@ def test_stream_interval_below_one_is_refused_by_engine_and_server_args(llama_pa
     with pytest.raises(ValueError, match="stream_interval"):
         Engine(str(llama_path), stream_interval=0)
     with pytest.raises(ValueError, match="stream_interval"):
-        ServerArgs(model_path="m", stream_interval=0)
+        ServerArgs(model_path=str(llama_path), stream_interval=0)
 
 
-def test_stream_interval_flag_reaches_the_engine_args() -> None:
-    args = ServerArgs.from_cli(["--model-path", "m", "--stream-interval", "8"])
+def test_stream_interval_flag_reaches_the_engine_args(llama_path) -> None:
+    args = ServerArgs.from_cli(["--model-path", str(llama_path), "--stream-interval", "8"])
     assert args.stream_interval == 8
     assert args.engine_args().stream_interval == 8

@@ -31,9 +31,9 @@ def load_config(overrides: Sequence[str] | None = None) -> DictConfig:
 
 
 def register_resolvers() -> None:
-    """Registers `${rollserve.output_dir:}` and `${rollserve.tiny_model:PRESET}`; idempotent."""
+    """Registers `${rollserve.output_dir:}`; idempotent. (Models need no resolver: a model
+    name such as `random-qwen2` is itself a model path, rollserve.models.catalog.)"""
     OmegaConf.register_new_resolver("rollserve.output_dir", output_dir, replace=True)
-    OmegaConf.register_new_resolver("rollserve.tiny_model", _tiny_model, replace=True)
 
 
 def output_dir() -> str:
@@ -42,12 +42,6 @@ def output_dir() -> str:
     if HydraConfig.initialized():
         return str(HydraConfig.get().runtime.output_dir)
     return _process_dir()
-
-
-def _tiny_model(preset: str) -> str:
-    from rollserve.models.local_cache import ensure_tiny_model  # imports torch: on use only
-
-    return str(ensure_tiny_model(preset))
 
 
 @functools.cache
