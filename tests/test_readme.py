@@ -42,6 +42,8 @@ NO_PROXY = {"http": None, "https": None}
 
 # snippet -> why the block holding it is not run here.
 NOT_RUN = {
+    "python examples/grpo.py": "a 7-15 minute training run; tests/test_grpo_example.py runs "
+                               "two steps of the same code on a tiny model",
     "pip install torch==2.13.0": "installs packages, then runs `rollserve demo` and the whole "
                                  "test suite: CI runs these commands itself",
     "rollserve launch model_path=/ckpt": "variants of the `rollserve launch` block, with "
