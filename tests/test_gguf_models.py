@@ -4,6 +4,8 @@ refused with a message, leaving nothing in the cache."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -72,3 +74,22 @@ def test_a_gguf_file_that_is_not_a_supported_model_gets_a_clear_error(
 def test_a_missing_gguf_file_is_reported_by_name(private_cache, tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match=r"nothere\.gguf"):
         resolve_model(str(tmp_path / "nothere.gguf"))
+
+
+def test_update_weights_from_disk_takes_a_gguf_file(tiny_model_factory, private_cache,
+                                                   tmp_path) -> None:
+    """The file's hyper-parameters are float32 (rms_norm_eps 1e-6 becomes 9.99999997e-07):
+    the same architecture at the precision the model computes in. A real difference is
+    still refused."""
+    other = write_gguf_model(tiny_model_factory("qwen2", seed=1), tmp_path / "other.gguf")
+    changed = shutil.copytree(tiny_model_factory("qwen2", seed=1), tmp_path / "changed")
+    config = json.loads((changed / "config.json").read_text())
+    (changed / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))
+    with Engine(str(tiny_model_factory("qwen2")), dtype="float32", device="cpu",
+                max_total_tokens=1024) as engine:
+        engine.update_weights_from_disk(str(other))
+        updated = [out["output_ids"] for out in engine.generate(input_ids=PROMPTS,
+                                                                sampling_params=GREEDY)]
+        with pytest.raises(ValueError, match="differs in: rms_norm_eps"):
+            engine.update_weights_from_disk(str(changed))
+    assert updated == greedy(resolve_model(str(other)))

@@ -34,7 +34,7 @@ from rollserve.kernels.build import why_not_native
 from rollserve.kernels.decode_attention import make_decode_attention
 from rollserve.kernels.elementwise import make_fused_elementwise
 from rollserve.kernels.sampling import make_native_sampling
-from rollserve.models.catalog import DEFAULT_MODEL
+from rollserve.models.catalog import DEFAULT_MODEL, resolve_model
 from rollserve.models.config import load_model_config
 from rollserve.models.loader import load_model, resolve_device, resolve_dtype
 from rollserve.tensor_ipc import deserialize_named_tensors
@@ -253,10 +253,10 @@ class Engine(GenerationAPI):
         self, model_path: str, flush_cache: bool = True, weight_version: str | None = None,
         abort_all_requests: bool = False,
     ) -> str:
-        """Install a whole checkpoint of the same architecture; on any mismatch raises
-        ValueError and the current weights keep serving."""
+        """Install a whole checkpoint of the same architecture (a directory, a .gguf file or a
+        model name); on any mismatch raises ValueError and the current weights keep serving."""
         with self._update_lock:
-            tensors = self.weights.read_checkpoint(model_path)
+            tensors = self.weights.read_checkpoint(resolve_model(model_path))
             return self._apply(tensors, False, True, flush_cache, weight_version,
                                abort_all_requests)
 

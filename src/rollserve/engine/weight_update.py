@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import struct
 from pathlib import Path
 
 import torch
@@ -148,7 +149,7 @@ class WeightUpdater:
         free = {name: getattr(ours, name) for name in _FREE_CONFIG_FIELDS}
         theirs = dataclasses.replace(theirs, **free)
         differ = [f.name for f in dataclasses.fields(ours)
-                  if getattr(ours, f.name) != getattr(theirs, f.name)]
+                  if not _same(getattr(ours, f.name), getattr(theirs, f.name))]
         if differ:
             raise ValueError(f"checkpoint {model_path!r} has another architecture "
                              f"(differs in: {', '.join(differ)})")
@@ -195,3 +196,15 @@ def _split_flat(flat: torch.Tensor, specs: list[TensorSpec]) -> NamedTensors:
         out.append((spec.name, flat[start : start + spec.numel].view(spec.shape)))
         start += spec.numel
     return out
+
+
+def _same(ours: object, theirs: object) -> bool:
+    """Equal, floats at float32 precision: the model computes with its hyper-parameters in
+    float32 or narrower, and GGUF files store them as float32 (an rms_norm_eps of 1e-6
+    comes back from one as 9.99999997e-07)."""
+    if isinstance(ours, float) and isinstance(theirs, float):
+        return struct.pack("f", ours) == struct.pack("f", theirs)
+    if dataclasses.is_dataclass(ours) and type(ours) is type(theirs):
+        return all(_same(getattr(ours, f.name), getattr(theirs, f.name))
+                   for f in dataclasses.fields(ours))
+    return ours == theirs
