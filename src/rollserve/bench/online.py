@@ -8,14 +8,23 @@ The server runs as its own process (`python -m rollserve.launch_server`) so the 
 the engine and the client are measured as users deploy them. Three rows: the offline engine
 with every request submitted at once, the offline engine capped at K running requests (the
 same concurrency the clients allow), and the HTTP server; ratios for both.
+
+    python -m rollserve.bench.online --preset qwen2.5-0.5b --compare vllm --repeats 3
+
+runs the same K streaming clients against rollserve's server and vLLM's OpenAI server (its
+CPU build from bench.vllm_env, with its recommended settings), both through the OpenAI
+`/v1/completions` API with token-id prompts, the same engine limits and KV-cache bytes and no
+prefix caching, and prints `speedup_vs_vllm` last.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -26,7 +35,15 @@ import aiohttp
 
 from rollserve import Engine
 from rollserve.bench.cpu import cpu_line
-from rollserve.bench.offline import RunResult, Workload, make_workload, print_table, run_engine
+from rollserve.bench.offline import (
+    RunResult,
+    Workload,
+    kv_tokens,
+    make_workload,
+    print_table,
+    run_engine,
+)
+from rollserve.bench.vllm_env import ensure_vllm_python, recommended_env
 from rollserve.engine.args import DEFAULT_CHUNKED_PREFILL_SIZE
 from rollserve.models.config import load_model_config
 from rollserve.models.loader import resolve_device, resolve_dtype
@@ -47,13 +64,28 @@ async def _stream_one(session: aiohttp.ClientSession, url: str, prompt: list[int
     return len(last["output_ids"])
 
 
-async def run_clients(url: str, workload: Workload, concurrency: int) -> int:
+async def _stream_completion(session: aiohttp.ClientSession, url: str, prompt: list[int],
+                             max_new_tokens: int) -> int:
+    """One streamed OpenAI completion; the server's own count of the tokens it sent."""
+    body = {"model": "peer", "prompt": prompt, "max_tokens": max_new_tokens, "stream": True,
+            "temperature": 0.0, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    usage: dict = {}
+    async with session.post(url + "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.content:
+            if line.startswith(b"data: {"):
+                usage = json.loads(line[6:]).get("usage") or usage
+    return usage["completion_tokens"]
+
+
+async def run_clients(url: str, workload: Workload, concurrency: int,
+                      stream_one: Callable = _stream_one) -> int:
     gate = asyncio.Semaphore(concurrency)
     connector = aiohttp.TCPConnector(limit=concurrency)
 
     async def one(prompt: list[int], n: int) -> int:
         async with gate:
-            return await _stream_one(session, url, prompt, n)
+            return await stream_one(session, url, prompt, n)
 
     async with aiohttp.ClientSession(connector=connector, trust_env=False,
                                      timeout=aiohttp.ClientTimeout(total=None)) as session:
@@ -64,25 +96,62 @@ async def run_clients(url: str, workload: Workload, concurrency: int) -> int:
 
 def run_online(model: Path, workload: Workload, concurrency: int, args: argparse.Namespace,
                port: int, env: Mapping[str, str] | None = None,
-               name: str | None = None) -> RunResult:
+               name: str | None = None, max_total_tokens: int | None = None,
+               stream_one: Callable = _stream_one) -> RunResult:
     """One server process (with `env` added to this process's environment) and the clients."""
-    url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "rollserve.launch_server", "--model-path", str(model),
                "--port", str(port), "--dtype", args.dtype, "--device", args.device,
-               "--max-total-tokens", str(args.num_prompts * 800), "--disable-radix-cache",
-               "--chunked-prefill-size", str(args.chunked_prefill_size), "--log-level", "warning"]
-    server = subprocess.Popen(command, env={**os.environ, **(env or {})})
+               "--max-total-tokens", str(max_total_tokens or args.num_prompts * 800),
+               "--disable-radix-cache", "--chunked-prefill-size", str(args.chunked_prefill_size),
+               "--log-level", "warning"]
+    return run_server(command, {**os.environ, **(env or {})}, port, workload, concurrency,
+                      name or f"http, {concurrency} streams", stream_one)
+
+
+def run_server(command: list[str], env: Mapping[str, str], port: int, workload: Workload,
+               concurrency: int, name: str, stream_one: Callable) -> RunResult:
+    """Starts `command` (a server on `port`), times the clients' run, stops the server."""
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(command, env=dict(env), start_new_session=True)
     try:
-        wait_healthy(url, server)
+        wait_healthy(url, server, timeout=900)
         start = time.perf_counter()
-        produced = asyncio.run(run_clients(url, workload, concurrency))
+        produced = asyncio.run(run_clients(url, workload, concurrency, stream_one))
         seconds = time.perf_counter() - start
     finally:
-        server.terminate()
+        stop_group(server)
+    assert produced == workload.output_tokens, f"{name} produced other lengths than asked"
+    return RunResult(name, len(workload.prompts), workload.input_tokens, produced, seconds)
+
+
+def stop_group(server: subprocess.Popen) -> None:
+    """SIGTERM to the server, which stops its own children (a signal to the whole group would
+    also end its resource tracker before the children's shared memory is released); then
+    SIGKILL to whatever of its process group is left, so nothing outlives the run."""
+    server.terminate()
+    try:
         server.wait(timeout=60)
-    assert produced == workload.output_tokens, "server produced fewer tokens than asked"
-    return RunResult(name or f"http, {concurrency} streams", len(workload.prompts),
-                     workload.input_tokens, produced, seconds)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)
+
+
+def run_vllm_server(model: Path, workload: Workload, args: argparse.Namespace,
+                    kv_gib: int) -> RunResult:
+    python = ensure_vllm_python()
+    settings = recommended_env(python, kv_gib)
+    command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+               "--host", "127.0.0.1", "--port", str(args.port + 1),
+               "--dtype", _dtype_name(model, args), "--max-num-seqs", "256",
+               "--max-num-batched-tokens", str(args.chunked_prefill_size),
+               "--max-model-len", str(512 + 256), "--no-enable-prefix-caching",
+               "--served-model-name", "peer"]
+    print("vLLM settings: " + " ".join(f"{k}={v}" for k, v in settings.items()), flush=True)
+    return run_server(command, {**os.environ, **settings}, args.port + 1, workload,
+                      args.concurrency, f"vllm http, {args.concurrency} streams",
+                      _stream_completion)
 
 
 def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 300) -> None:
@@ -151,8 +220,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="also run the server from this source tree (say, an earlier "
                              "commit's `src`, from `git worktree add`) as a fourth row, "
                              "interleaved with the others")
+    parser.add_argument("--compare", choices=["vllm", "none"], default="none",
+                        help="vllm: rollserve's server against vLLM's OpenAI server instead")
     args = parser.parse_args(argv)
     model, workload = online_workload(args)
+    if args.compare == "vllm":
+        compare_vllm(model, workload, args)
+        return
     configurations: list[Callable[[], RunResult]] = [
         lambda: _offline(model, workload, args, 256, "offline engine"),
         lambda: _offline(model, workload, args, args.concurrency,
@@ -184,6 +258,27 @@ def main(argv: list[str] | None = None) -> None:
     online = results[2].output_throughput
     print(f"online_vs_offline: {online / results[0].output_throughput:.2f}")
     print(f"online_vs_offline_same_concurrency: {online / results[1].output_throughput:.2f}")
+
+
+def compare_vllm(model: Path, workload: Workload, args: argparse.Namespace,
+                 kv_gib: int = 2) -> None:
+    tokens = kv_tokens(model, args.dtype, args.device, kv_gib)
+    configurations: list[Callable[[], RunResult]] = [
+        lambda: run_online(model, workload, args.concurrency, args, args.port,
+                           name=f"rollserve http, {args.concurrency} streams",
+                           max_total_tokens=tokens, stream_one=_stream_completion),
+        lambda: run_vllm_server(model, workload, args, kv_gib),
+    ]
+    rounds = [_run_round(configurations, reverse=r % 2 == 1) for r in range(args.repeats)]
+    results = [_median(runs) for runs in zip(*rounds, strict=True)]
+    print("seconds per round:", [[round(r.seconds, 1) for r in rnd] for rnd in rounds])
+    print(f"model: {model} ({_dtype_name(model, args)}, {args.device}); "
+          f"{args.num_prompts} prompts; KV cache {kv_gib} GiB each")
+    print(cpu_line())
+    print_table(results)
+    totals = [sum(rnd[i].seconds for rnd in rounds) for i in range(2)]
+    print(f"speedup_vs_vllm over all rounds (total seconds): {totals[1] / totals[0]:.2f}")
+    print(f"speedup_vs_vllm: {results[0].output_throughput / results[1].output_throughput:.2f}")
 
 
 def _run_round(configurations: list[Callable[[], RunResult]], reverse: bool) -> list[RunResult]:
