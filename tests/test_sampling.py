@@ -163,7 +163,7 @@ def test_sampler_leaves_logits_untouched_and_draws_the_same_tokens_on_both_paths
 
     native = make_native_sampling(torch.device("cpu"))
     if native_path and native is None:
-        pytest.skip("no AVX-512 CPU or no C compiler")
+        pytest.skip("no native kernels here (neither AVX2 nor AVX-512, or no C compiler)")
     logits = torch.randn(64, 300, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     untouched = logits.clone()
     params = [{"temperature": 0.0}, {"temperature": 0.7}, {}] * 21 + [{"temperature": 0.0}]
