@@ -263,5 +263,9 @@ def test_a_launch_that_raises_stops_the_other_actors_of_that_launch(local_ray) -
     refs = [actor.launch.remote(index == 1) for index, actor in enumerate(actors)]
     with pytest.raises(FleetLaunchError, match="cannot create the log directory"):
         _gather(refs, 30, ["engine-0", "engine-1"], actors)
+    # ray.kill is asynchronous: a ping may still be answered before the kill lands.
+    deadline = time.monotonic() + 30
     with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(actors[0].ping.remote(), timeout=30)
+        while time.monotonic() < deadline:
+            ray.get(actors[0].ping.remote(), timeout=30)
+            time.sleep(0.1)
