@@ -56,6 +56,22 @@ def test_random_presets_are_listed_by_name_and_build_on_first_use(private_cache)
         "Qwen3ForCausalLM"]
 
 
+@pytest.mark.parametrize("argv", [[], ["--help"], ["help"]])
+def test_rollserve_without_a_command_or_with_help_prints_the_commands(argv) -> None:
+    done = subprocess.run([sys.executable, "-m", "rollserve.cli", *argv], capture_output=True,
+                          text=True, timeout=60, check=True)
+    assert done.stdout.startswith("usage: rollserve COMMAND")
+    assert all(f"\n  {command} " in done.stdout for command in ("demo", "launch", "serve",
+                                                                "models"))
+
+
+def test_an_unknown_rollserve_command_fails_with_the_usage() -> None:
+    done = subprocess.run([sys.executable, "-m", "rollserve.cli", "lanuch"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "unknown command 'lanuch'" in done.stderr and "usage: rollserve" in done.stderr
+
+
 def test_rollserve_models_lists_the_default_and_the_random_presets() -> None:
     done = subprocess.run([sys.executable, "-m", "rollserve.cli", "models"],
                           capture_output=True, text=True, timeout=120, check=True)

@@ -1,9 +1,9 @@
 """The fleet demo: a few chat questions through the router's OpenAI endpoint, then an
 RL-style rollout workload through the router, and a summary.
 
-Prompts of the workload come in groups that share a long task description (as GRPO samples several
-completions per task), so the router's cache-aware policy and the engines' prefix caches
-both have something to do.
+Prompts of the workload come in groups that share a long task description (as GRPO samples
+several completions per task), so the router's cache-aware policy and the engines' prefix
+caches both have something to do.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from rollserve.bench.cpu import cpu_line
 from rollserve.bench.vllm_env import run_peer
 from rollserve.bench.vllm_peer import peak_rss
 from rollserve.engine.args import DEFAULT_CHUNKED_PREFILL_SIZE
+from rollserve.engine.kv_pool import bytes_per_token
 from rollserve.models.config import load_model_config
 from rollserve.models.loader import resolve_dtype
 from rollserve.models.local_cache import ensure_tiny_model
@@ -134,9 +135,8 @@ def run_vllm(path: Path, workload: Workload, engine: Engine, kv_cache_gib: int,
 def kv_tokens(path: Path, dtype: str, device: str, kv_cache_gib: int) -> int:
     """Tokens that `kv_cache_gib` GiB of K and V hold for this model, as vLLM sizes it."""
     config = load_model_config(path)
-    element = torch.empty((), dtype=resolve_dtype(dtype, config, torch.device(device)))
-    per_token = 2 * config.num_layers * config.kv_size * element.element_size()
-    return kv_cache_gib * 2**30 // per_token
+    resolved = resolve_dtype(dtype, config, torch.device(device))
+    return kv_cache_gib * 2**30 // bytes_per_token(config, resolved)
 
 
 def batch1_decode_rate(engine: Engine, vocab_size: int, new_tokens: int = 64) -> float:

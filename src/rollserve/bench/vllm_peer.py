@@ -12,26 +12,33 @@ rollserve's run. vLLM spawns its engine core, hence the __main__ guard.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import threading
 import time
 
+import psutil  # a dependency of rollserve and of vLLM alike
+
 
 def peak_rss(stop: threading.Event, peak: list[int]) -> None:
-    """Largest resident memory of this process and its children, sampled every 0.1 s."""
-    import psutil
-
+    """Largest resident memory of this process and its children: sampled at once, every
+    0.1 s, and once more when `stop` is set (a run shorter than a period still counts)."""
     me = psutil.Process()
-    while not stop.wait(0.1):
-        processes = [me, *me.children(recursive=True)]
-        total = 0
-        for process in processes:
-            try:
-                total += process.memory_info().rss
-            except psutil.NoSuchProcess:
-                continue
-        peak[0] = max(peak[0], total)
+    while True:
+        stopped = stop.is_set()
+        peak[0] = max(peak[0], _tree_rss(me))
+        if stopped:
+            return
+        stop.wait(0.1)
+
+
+def _tree_rss(root: psutil.Process) -> int:
+    total = 0
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):  # a child may end meanwhile
+            total += process.memory_info().rss
+    return total
 
 
 def main(request_file: str, result_file: str) -> None:
