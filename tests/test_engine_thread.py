@@ -33,7 +33,8 @@ def test_the_model_loads_and_update_casts_run_on_the_engine_thread(
     monkeypatch.setattr(WeightUpdater, "prepare", recording_prepare)
     with Engine(str(llama_path), dtype="bfloat16", device="cpu", max_total_tokens=1024) as engine:
         # float32 tensors into a bf16 engine: the cast is the update's tensor work.
-        weights = [(name, p.detach().float() * 0.5) for name, p in engine.model.named_parameters()]
+        weights = [(name, w.float() * 0.5)
+                   for name, w in engine.model.checkpoint_weights().items()]
         engine.update_weights_from_tensor(weights, weight_version="halved")
         out = engine.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 2})
     assert threads == {"load": {ENGINE_THREAD}, "prepare": {ENGINE_THREAD}}

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from rollserve import Engine
 from rollserve.models import loader
 from rollserve.models.config import SUPPORTED_ARCHITECTURES, load_model_config
+from rollserve.models.linear import can_pack
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -89,3 +90,34 @@ def test_engine_on_auto_computes_a_bf16_checkpoint_as_this_cpu_allows(tiny_model
         assert engine.dtype == expected
         assert engine.model.model.embed_tokens.weight.dtype == expected
         assert engine.pool.k_cache.dtype == expected
+
+
+def test_fused_projections_hold_every_checkpoint_tensor_under_its_hugging_face_name(
+        tiny_model_factory) -> None:
+    path = tiny_model_factory("qwen2")  # q/k/v carry biases: fused too
+    tensors = load_file(next(path.glob("*.safetensors")))
+    model = loader.load_model(path, torch.float32, torch.device("cpu"), max_positions=64)
+    weights = model.checkpoint_weights()
+    tied_copy = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    assert set(weights) == set(tensors) - tied_copy
+    for name, weight in weights.items():
+        assert torch.equal(weight, tensors[name]), name
+    assert model.slots["model.layers.0.self_attn.v_proj.bias"].param \
+        == "model.layers.0.self_attn.qkv_proj.bias"
+
+
+def test_installing_one_part_of_a_fused_projection_changes_only_its_rows(llama_path) -> None:
+    model = loader.load_model(llama_path, torch.bfloat16, torch.device("cpu"), max_positions=64)
+    fused = model.model.layers[1].mlp.gate_up_proj
+    before = fused.weight.detach().clone()
+    new = torch.randn_like(model.checkpoint_weight("model.layers.1.mlp.up_proj.weight"))
+    free = model.install_weight("model.layers.1.mlp.up_proj.weight", new)
+    half = before.shape[0] // 2
+    assert free is new  # copied in: the caller may reuse it
+    assert torch.equal(fused.weight[:half], before[:half])
+    assert torch.equal(fused.weight[half:], new)
+    assert fused.packed is None  # stale: dropped until repacked
+    param = model.prepacked_param("model.layers.1.mlp.up_proj.weight")
+    assert param == "model.layers.1.mlp.gate_up_proj.weight"
+    model.repack_weight(param)
+    assert (fused.packed is not None) == can_pack(fused.weight)

@@ -95,12 +95,12 @@ def test_fused_rms_norm_matches_eager(isa, dtype, with_residual) -> None:
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_silu_mul_matches_eager(isa, dtype) -> None:
+def test_fused_silu_and_mul_matches_eager(isa, dtype) -> None:
     gen = torch.Generator().manual_seed(4)
     gate = (torch.randn(29, 120, generator=gen) * 4).to(dtype)
     up = torch.randn(29, 120, generator=gen).to(dtype)
     eager = torch.nn.functional.silu(gate) * up
-    fused = FusedElementwise(dtype, isa).silu_mul(gate.clone(), up)
+    fused = FusedElementwise(dtype, isa).silu_and_mul(torch.cat([gate, up], dim=-1))
     _assert_close_to_eager(fused, eager)
 
 
@@ -115,6 +115,21 @@ def test_fused_rotary_equals_eager(isa, dtype, head_dim) -> None:
     eager = apply_rotary(x.clone(), cos, sin)
     fused = FusedElementwise(dtype, isa).rotary(x.clone(), cos, sin)
     assert torch.equal(fused, eager)  # no reduction: the same roundings in the same order
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_rotary_rotates_a_view_into_the_qkv_output_and_nothing_else(isa, dtype) -> None:
+    gen = torch.Generator().manual_seed(7)
+    qkv = torch.randn(13, 3 * 4 * 32, generator=gen).to(dtype)  # q, k, v of 4 heads x 32
+    angles = torch.rand(13, 1, 32, generator=gen) * 6
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    before = qkv.clone()
+    k = qkv[:, 128:256].view(13, 4, 32)
+    FusedElementwise(dtype, isa).rotary(k, cos, sin)
+    assert torch.equal(k, apply_rotary(before[:, 128:256].reshape(13, 4, 32), cos, sin))
+    assert torch.equal(qkv[:, :128], before[:, :128])
+    assert torch.equal(qkv[:, 256:], before[:, 256:])
 
 
 def test_kernels_are_not_used_where_they_do_not_apply() -> None:
@@ -133,10 +148,10 @@ EXTREMES = [-100.0, -88.75, -88.5, -87.6, -20.0, -0.0, 0.0, 1e-40, 3.0, 88.5, 10
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_silu_mul_keeps_eager_results_at_the_extremes(isa, dtype) -> None:
+def test_fused_silu_and_mul_keeps_eager_results_at_the_extremes(isa, dtype) -> None:
     gate = torch.tensor(EXTREMES).repeat(3, 1).to(dtype)  # 14 lanes: a tail on both ISAs
     up = torch.ones_like(gate)
-    fused = FusedElementwise(dtype, isa).silu_mul(gate.clone(), up)
+    fused = FusedElementwise(dtype, isa).silu_and_mul(torch.cat([gate, up], dim=-1))
     eager = torch.nn.functional.silu(gate) * up
     step = torch.finfo(dtype).eps * (1 if dtype == torch.bfloat16 else 4)
     torch.testing.assert_close(fused, eager, rtol=step, atol=0, equal_nan=True)
@@ -157,7 +172,7 @@ def test_avx2_and_avx512_builds_give_the_same_bits_where_nothing_is_summed(dtype
     outputs = []
     for isa in runnable_isas():
         fused = FusedElementwise(dtype, isa)
-        outputs.append((fused.silu_mul(gate.clone(), up).view(bits),
+        outputs.append((fused.silu_and_mul(torch.cat([gate, up], dim=-1)).view(bits),
                         fused.rotary(x.clone(), cos, sin).view(bits)))
     for silu, rotary in outputs[1:]:
         assert torch.equal(silu, outputs[0][0]) and torch.equal(rotary, outputs[0][1])
@@ -196,9 +211,14 @@ def test_engine_tokens_and_logprobs_equal_with_and_without_native_kernels(
 def test_kernels_refuse_tensors_they_were_not_built_for(isa) -> None:
     fused = FusedElementwise(torch.float32, isa)
     with pytest.raises(ValueError, match="dtype"):
-        fused.silu_mul(torch.ones(2, 16, dtype=torch.bfloat16), torch.ones(2, 16))
+        fused.silu_and_mul(torch.ones(2, 32, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="layout"):
-        fused.silu_mul(torch.ones(16, 2).t(), torch.ones(2, 16))
+        fused.silu_and_mul(torch.ones(32, 2).t())
+    with pytest.raises(ValueError, match="gate and up halves"):
+        fused.silu_and_mul(torch.ones(2, 33))
+    with pytest.raises(ValueError, match="layout"):
+        fused.rotary(torch.ones(3, 4, 16).transpose(0, 1), torch.ones(4, 1, 16),
+                     torch.ones(4, 1, 16))
     attention = DecodeAttention(16, 2, torch.float32, isa)
     k = torch.ones(2, 10, 16)
     with pytest.raises(ValueError, match="head layout"):

@@ -43,8 +43,8 @@ class WeightUpdater:
     def __init__(self, model: CausalLM, device: torch.device) -> None:
         self.model = model
         self.device = device
-        self.params = dict(model.named_parameters())
-        self.table = ParameterTable.of(self.params.items(), model.config.tie_word_embeddings)
+        self.table = ParameterTable.of(model.checkpoint_weights().items(),
+                                       model.config.tie_word_embeddings)
         self.groups: dict[str, dist.ProcessGroup] = {}
         # New weights: in the parameter's dtype and device, owned (the model adopts them).
         self.staged: dict[str, torch.Tensor] = {}  # received with apply=False, not yet in
@@ -138,7 +138,7 @@ class WeightUpdater:
         self._check_config(model_path)
         tensors = list(iter_checkpoint_tensors(model_path))
         self.table.check(TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors)
-        missing = set(self.params) - {n for n, _ in tensors}
+        missing = set(self.table.params) - {n for n, _ in tensors}
         if missing:
             raise ValueError(f"checkpoint {model_path!r} lacks tensors: "
                              f"{', '.join(sorted(missing))}")
@@ -163,31 +163,33 @@ class WeightUpdater:
         for name, tensor in tensors:
             if name == LM_HEAD_NAME and self.table.tie_word_embeddings:
                 continue  # the embedding is the output projection; SGLang skips it too
-            param = self.params[name]
-            out.append((name, tensor.to(self.device, param.dtype, copy=not owned).contiguous()))
+            dtype = self.table.params[name].dtype
+            out.append((name, tensor.to(self.device, dtype, copy=not owned).contiguous()))
         return out
 
     def install(self, weights: NamedTensors) -> None:
-        """Swap prepared weights in; their prepacked forms are made later by pack_some."""
+        """Put prepared weights in; their prepacked forms are made later by pack_some."""
         for name, weight in weights:
-            replaced = self.model.adopt_weight(name, weight)
+            free = self.model.install_weight(name, weight)
             if self.device.type == "cpu":
-                self.spare[name] = replaced
-            if self.model.packable(name) and can_pack(weight):
-                self.unpacked[name] = None
+                self.spare[name] = free
+            param = self.model.prepacked_param(name)
+            if param is not None and can_pack(weight):
+                self.unpacked[param] = None
 
     def pack_some(self, count: int | None) -> None:
-        """Prepack up to `count` (None: all) installed weights that lack it, oldest first."""
-        for name in list(itertools.islice(self.unpacked, count)):
-            del self.unpacked[name]
-            self.model.repack_weight(name)
+        """Prepack up to `count` (None: all) parameters updated since their last packing,
+        oldest first."""
+        for param in list(itertools.islice(self.unpacked, count)):
+            del self.unpacked[param]
+            self.model.repack_weight(param)
 
     def read(self, name: str, truncate_size: int) -> list:
         """The parameter's first `truncate_size` rows as nested lists (SGLang's answer)."""
         target = self.table.target(name)
         if target is None:
             raise ValueError(f"{name!r} is not a parameter of this model")
-        return self.params[target.name][:truncate_size].float().cpu().tolist()
+        return self.model.checkpoint_weight(target.name)[:truncate_size].float().cpu().tolist()
 
 
 def _split_flat(flat: torch.Tensor, specs: list[TensorSpec]) -> NamedTensors:

@@ -42,15 +42,19 @@ void rms_norm(const ELEM *x, ELEM *residual, const ELEM *weight, ELEM *out, int6
     }
 }
 
-/* gate = round(round(silu(gate)) * up) in place, both [rows, size] (the MLP's SwiGLU). */
-void silu_mul(ELEM *gate, const ELEM *up, int64_t rows, int64_t size, int threads) {
+/* out = round(round(silu(gate)) * up), where gate_up is [rows, 2 * size] with each row's gate
+ * first and up second (the fused gate_up projection's output) and out [rows, size]: the
+ * MLP's SwiGLU. */
+void silu_and_mul(const ELEM *gate_up, ELEM *out, int64_t rows, int64_t size, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
-        for (int64_t i = r * size; i < (r + 1) * size; i += LANES) {
-            const vmask m = tail_mask((r + 1) * size - i);
+        const ELEM *gate = gate_up + 2 * r * size, *up = gate + size;
+        ELEM *dst = out + r * size;
+        for (int64_t i = 0; i < size; i += LANES) {
+            const vmask m = tail_mask(size - i);
             const vfloat g = load_elems(gate + i, m);
             const vfloat silu = g / (vset1(1.0f) + vexp(vzero() - g));
-            store_elems(gate + i, round_elems(silu) * load_elems(up + i, m), m);
+            store_elems(dst + i, round_elems(silu) * load_elems(up + i, m), m);
         }
     }
 }

@@ -20,7 +20,9 @@ class FusedElementwise:
         self._rms_norm = build.bind(
             library, "rms_norm", [POINTER, POINTER, POINTER, POINTER, INT64, INT64, FLOAT, INT]
         )
-        self._silu_mul = build.bind(library, "silu_mul", [POINTER, POINTER, INT64, INT64, INT])
+        self._silu_and_mul = build.bind(
+            library, "silu_and_mul", [POINTER, POINTER, INT64, INT64, INT]
+        )
         self._rotary = build.bind(
             library, "rotary", [POINTER, POINTER, POINTER, INT64, INT64, INT64, INT64, INT]
         )
@@ -44,23 +46,28 @@ class FusedElementwise:
         )
         return out
 
-    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """gate = silu(gate) * up, in place; returns gate."""
-        self._check(gate, up)
-        build.require(gate.shape == up.shape, "gate and up shapes")
-        size = gate.shape[-1]
-        self._silu_mul(gate.data_ptr(), up.data_ptr(), gate.numel() // size, size,
-                       torch.get_num_threads())
-        return gate
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up into a new tensor, where gate_up [..., 2 * size] holds gate in its
+        first half and up in its second (the fused gate_up projection's output)."""
+        self._check(gate_up)
+        build.require(gate_up.shape[-1] % 2 == 0, "gate_up's last dim (gate and up halves)")
+        size = gate_up.shape[-1] // 2
+        out = gate_up.new_empty((*gate_up.shape[:-1], size))
+        self._silu_and_mul(gate_up.data_ptr(), out.data_ptr(), out.numel() // size, size,
+                           torch.get_num_threads())
+        return out
 
     def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [tokens, heads, head_dim] rotated in place by cos, sin [tokens, 1, head_dim]
-        (already in x's dtype); returns x."""
+        (already in x's dtype); returns x. Rows of x may lie apart (q and k are views into
+        the fused qkv projection's output); each row's heads are contiguous."""
         tokens, heads, head_dim = x.shape
-        self._check(x, cos, sin)
+        self._check(cos, sin)
+        build.require(x.dtype == self.dtype and x.device.type == "cpu"
+                      and x.stride()[1:] == (head_dim, 1), "tensor dtype, layout or device")
         build.require(cos.shape == sin.shape == (tokens, 1, head_dim), "cos and sin shapes")
         self._rotary(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), tokens, heads, head_dim,
-                     heads * head_dim, torch.get_num_threads())
+                     x.stride(0), torch.get_num_threads())
         return x
 
     def _check(self, *tensors: torch.Tensor) -> None:

@@ -56,3 +56,21 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.packed, self.bias, self.amx)
+
+
+class FusedLinear(Linear):
+    """Several projections of the same input as one matmul: the parts' output rows stacked in
+    the order given (`parts`: name -> output size). Split the output with `sizes`."""
+
+    def __init__(self, in_features: int, parts: dict[str, int], bias: bool) -> None:
+        super().__init__(in_features, sum(parts.values()), bias=bias)
+        self.parts = dict(parts)
+        self.sizes = list(parts.values())
+
+    def part_rows(self) -> dict[str, slice]:
+        """Each part's rows of the fused weight (and bias)."""
+        rows, start = {}, 0
+        for name, size in self.parts.items():
+            rows[name] = slice(start, start + size)
+            start += size
+        return rows

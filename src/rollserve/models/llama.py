@@ -1,12 +1,17 @@
 """Decoder-only transformer covering Llama, Qwen2, Qwen3 and Mistral checkpoints.
 
-Parameter names equal the Hugging Face names, so weights load (and hot-update) by name.
+Weights load (and hot-update) by their Hugging Face names. Most are parameters of the same
+name; q/k/v and gate/up are row blocks of one fused parameter each (`qkv_proj`, `gate_up_proj`:
+one matmul instead of three and two, as vLLM and SGLang do, and the column-parallel layout
+tensor parallelism shards). `CausalLM.slots` maps every checkpoint name to where it lives.
 The model runs on a flattened batch of tokens; attention state lives in the KV pool.
 Every forward reads parameters (and their prepacked forms) afresh: nothing captures their
 storage, so a weight update may swap in new tensors instead of copying into the old ones.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +21,7 @@ from rollserve.kernels.amx_linear import AmxLinear
 from rollserve.kernels.elementwise import FusedElementwise
 from rollserve.models.attention import AttentionBatch, paged_attention
 from rollserve.models.config import ModelConfig
-from rollserve.models.linear import Linear, linear, pack
+from rollserve.models.linear import FusedLinear, Linear, linear, pack
 from rollserve.models.rope import RotaryEmbedding, apply_rotary
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin of every token's position
@@ -52,10 +57,9 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
-        bias = config.attention_bias
-        self.q_proj = Linear(config.hidden_size, config.q_size, bias=bias)
-        self.k_proj = Linear(config.hidden_size, config.kv_size, bias=bias)
-        self.v_proj = Linear(config.hidden_size, config.kv_size, bias=bias)
+        self.qkv_proj = FusedLinear(config.hidden_size, {
+            "q_proj": config.q_size, "k_proj": config.kv_size, "v_proj": config.kv_size,
+        }, bias=config.attention_bias)
         self.o_proj = Linear(config.q_size, config.hidden_size, bias=False)
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
@@ -65,11 +69,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Rope, batch: AttentionBatch) -> torch.Tensor:
         tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.sizes, dim=-1)
+        # Views into the projection's output: rows lie apart, each row's heads contiguous.
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.q_norm(q.contiguous()), self.k_norm(k.contiguous())
         if self.fused is not None:
             q, k = self.fused.rotary(q, *rope), self.fused.rotary(k, *rope)
         else:
@@ -81,16 +87,18 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        size = config.intermediate_size
+        self.gate_up_proj = FusedLinear(config.hidden_size, {"gate_proj": size, "up_proj": size},
+                                        bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.fused: FusedElementwise | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
         if self.fused is not None:
-            return self.down_proj(self.fused.silu_mul(self.gate_proj(x), self.up_proj(x)))
-        gate = F.silu(self.gate_proj(x), inplace=True)
-        return self.down_proj(gate.mul_(self.up_proj(x)))
+            return self.down_proj(self.fused.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate).mul_(up))
 
 
 class DecoderLayer(nn.Module):
@@ -132,6 +140,15 @@ class DecoderBody(nn.Module):
         return self.norm(x, residual)
 
 
+@dataclass(slots=True, frozen=True)
+class WeightSlot:
+    """Where a checkpoint tensor lives in the model: parameter `param`, whole (rows None) or
+    the row block `rows` of a fused parameter."""
+
+    param: str
+    rows: slice | None = None
+
+
 class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig, max_positions: int) -> None:
         super().__init__()
@@ -143,6 +160,7 @@ class CausalLM(nn.Module):
         self.amx: AmxLinear | None = None  # the tied lm_head's few-row matmuls
         self._linears = {f"{name}.weight": m for name, m in self.named_modules()
                          if isinstance(m, Linear)}
+        self.slots = _checkpoint_slots(self)  # Hugging Face name -> where it lives
 
     def use_fused_elementwise(self, fused: FusedElementwise | None) -> None:
         """Run norms, SwiGLU and rotary through `fused` (None: eager PyTorch ops)."""
@@ -156,26 +174,46 @@ class CausalLM(nn.Module):
         for module in self._linears.values():
             module.amx = amx
 
-    def packable(self, name: str) -> bool:
-        """Whether parameter `name` has a prepacked form (on CPU in bf16/fp16)."""
-        return name in self._linears or (self.config.tie_word_embeddings and name == EMBED_NAME)
+    def checkpoint_weight(self, name: str) -> torch.Tensor:
+        """The current value of checkpoint tensor `name` (a view into the model: read it now;
+        a later update may replace the parameter it views)."""
+        slot = self.slots[name]
+        param = self.get_parameter(slot.param).data
+        return param if slot.rows is None else param[slot.rows]
 
-    def adopt_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """Make `weight` (same shape and dtype; not copied) parameter `name`; returns the
-        tensor it replaces. Its prepacked form is dropped: those matmuls take the plain path,
-        with bit-identical results, until `repack_weight(name)`."""
-        param = self.get_parameter(name)
+    def checkpoint_weights(self) -> dict[str, torch.Tensor]:
+        """Every checkpoint tensor by Hugging Face name, as `checkpoint_weight` gives it."""
+        return {name: self.checkpoint_weight(name) for name in self.slots}
+
+    def prepacked_param(self, name: str) -> str | None:
+        """The parameter whose prepacked form is derived from checkpoint tensor `name`, if any
+        (on CPU in bf16/fp16): `repack_weight` it after changing the tensor."""
+        param = self.slots[name].param
+        tied = self.config.tie_word_embeddings and param == EMBED_NAME
+        return param if param in self._linears or tied else None
+
+    def install_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """Make `weight` (same shape and dtype) the value of checkpoint tensor `name`: a whole
+        parameter adopts it without a copy, a fused one's row block copies it. Returns a
+        tensor like `weight` that nobody uses any more (the replaced parameter, or `weight`
+        itself once copied). The prepacked form is dropped: those matmuls take the plain
+        path, with bit-identical results, until `repack_weight`."""
+        slot = self.slots[name]
+        param = self.get_parameter(slot.param)
+        self._set_packed(slot.param, None)
+        if slot.rows is not None:
+            param.data[slot.rows].copy_(weight)
+            return weight
         old, param.data = param.data, weight
-        self._set_packed(name, None)
         return old
 
-    def repack_weight(self, name: str) -> None:
-        self._set_packed(name, pack(self.get_parameter(name)))
+    def repack_weight(self, param: str) -> None:
+        self._set_packed(param, pack(self.get_parameter(param)))
 
-    def _set_packed(self, name: str, packed: torch.Tensor | None) -> None:
-        if name in self._linears:
-            self._linears[name].packed = packed
-        elif self.config.tie_word_embeddings and name == EMBED_NAME:
+    def _set_packed(self, param: str, packed: torch.Tensor | None) -> None:
+        if param in self._linears:
+            self._linears[param].packed = packed
+        elif self.config.tie_word_embeddings and param == EMBED_NAME:
             self.packed_output_embedding = packed
 
     def repack_weights(self) -> None:
@@ -197,3 +235,20 @@ class CausalLM(nn.Module):
             return self.lm_head(hidden)
         return linear(hidden, self.model.embed_tokens.weight, self.packed_output_embedding,
                       amx=self.amx)
+
+
+def _checkpoint_slots(model: nn.Module) -> dict[str, WeightSlot]:
+    """Every parameter under its own name, except fused ones: each of their parts under the
+    part's name (rows 0..q_size of `layers.0.self_attn.qkv_proj.weight` are checkpoint
+    tensor `layers.0.self_attn.q_proj.weight`)."""
+    slots: dict[str, WeightSlot] = {}
+    for name, _ in model.named_parameters():
+        owner, _, kind = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if not isinstance(module, FusedLinear):
+            slots[name] = WeightSlot(name)
+            continue
+        parent = owner.rpartition(".")[0]
+        for part, rows in module.part_rows().items():
+            slots[f"{parent}.{part}.{kind}"] = WeightSlot(name, rows)
+    return slots

@@ -78,15 +78,15 @@ def load_model(
 
 
 def load_weights(model: CausalLM, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
-    """Copy every checkpoint tensor into the parameter of the same name; all must match.
-    The caller repacks afterwards (model.repack_weights())."""
-    params = dict(model.named_parameters())
+    """Copy every checkpoint tensor into the model where it lives (model.slots); all must
+    match. The caller repacks afterwards (model.repack_weights())."""
+    params = model.checkpoint_weights()
     missing = set(params)
     for name, tensor in tensors:
         if name not in params:
             if name == "lm_head.weight" and model.config.tie_word_embeddings:
                 continue  # some tied checkpoints still carry a copy of the embedding
-            raise ValueError(f"checkpoint tensor {name!r} matches no parameter of the model")
+            raise ValueError(f"checkpoint tensor {name!r} matches no weight of the model")
         param = params[name]
         if tuple(tensor.shape) != tuple(param.shape):
             raise ValueError(
