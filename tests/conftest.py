@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rollserve.process import free_port
+from rollserve.utils.process import free_port
 
 # Set before any test module imports torch (importing rollserve does not), and inherited by
 # the servers tests start: the suite runs engines side by side on the same cores, where

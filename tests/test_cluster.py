@@ -116,7 +116,7 @@ def test_seed_alias_and_engine_placement(fleet) -> None:
 def test_more_engines_than_cores_share_the_cores_unless_cores_per_rank_is_set(
         local_ray, llama_path, tmp_path) -> None:
     from rollserve.cluster.args import FleetArgs
-    from rollserve.cluster.launcher import plan_engines
+    from rollserve.cluster.fleet import plan_engines
     from rollserve.cluster.placement import packed_strategy
 
     cfg = fleet_config(llama_path, tmp_path, cluster={"component_placement": {"rollout": "0-3"}})
@@ -247,7 +247,7 @@ def test_a_launch_that_raises_stops_the_other_actors_of_that_launch(local_ray) -
     did start running until the driver exits."""
     import ray
 
-    from rollserve.cluster.launcher import _gather
+    from rollserve.cluster.fleet import _gather
 
     @ray.remote(num_cpus=0)
     class Launcher:

@@ -66,7 +66,7 @@ def test_calls_return_values_and_raise_the_engines_errors(engine_process) -> Non
     assert engine_process.weight_version == "default"
     with pytest.raises(ValueError, match="not a parameter of this model") as raised:
         engine_process.get_weights_by_name("no.such.weight")
-    _assert_caused_in_child(raised.value, "weight_update.py")
+    _assert_caused_in_child(raised.value, "updater.py")
     assert engine_process.device.type == "cpu" and engine_process.context_len > 0
 
 

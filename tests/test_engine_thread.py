@@ -11,7 +11,7 @@ import torch
 
 from rollserve import Engine
 from rollserve.engine import engine as engine_module
-from rollserve.engine.weight_update import WeightUpdater
+from rollserve.weights.updater import WeightUpdater
 
 ENGINE_THREAD = "rollserve-engine"
 

@@ -8,8 +8,8 @@ import pytest
 
 from rollserve.cluster.cluster import NodeInfo, fit_cpu_ranks, parse_ranks
 from rollserve.cluster.placement import packed_strategy, parse_placement, rank_demands
-from rollserve.process import command_flags
-from rollserve.router import router_flags
+from rollserve.cluster.router import router_flags
+from rollserve.utils.process import command_flags
 
 
 def test_placement_strings_map_processes_to_hardware_ranks() -> None:

@@ -50,7 +50,7 @@ def test_demo_from_a_user_yaml_prints_the_status_table_and_a_summary(llama_path,
     """A user's own YAML (here: the packaged one, edited) works like the packaged config."""
     from importlib.resources import files
 
-    packaged = (files("rollserve") / "configs" / "launch.yaml").read_text()
+    packaged = (files("rollserve.cluster") / "configs" / "launch.yaml").read_text()
     user_dir = tmp_path / "my_configs"
     user_dir.mkdir()
     (user_dir / "my_fleet.yaml").write_text(packaged.replace("demo: false", "demo: true"))

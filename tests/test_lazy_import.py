@@ -10,7 +10,8 @@ import pytest
 
 
 def test_importing_the_package_does_not_import_torch() -> None:
-    code = "import sys, rollserve, rollserve.process, rollserve.cli; print('torch' in sys.modules)"
+    code = ("import sys, rollserve, rollserve.utils.process, rollserve.cli; "
+            "print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, check=True)
     assert done.stdout.strip() == "False"

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from rollserve.process import free_port
+from rollserve.utils.process import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

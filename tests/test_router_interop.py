@@ -14,8 +14,8 @@ import pytest
 import requests
 from conftest import free_port
 
-from rollserve.process import ManagedProcess
-from rollserve.router import RouterAPI
+from rollserve.cluster.router import RouterAPI
+from rollserve.utils.process import ManagedProcess
 
 NO_PROXY = {"http": None, "https": None}
 

@@ -341,7 +341,7 @@ def test_sigterm_aborts_in_flight_requests_and_exits(tiny_model_factory, start_s
 
 def test_a_stop_of_the_whole_process_group_aborts_requests_and_stops_the_engine(
         tiny_model_factory, tmp_path) -> None:
-    """Fleets (rollserve.process) and service managers signal the server's whole process
+    """Fleets (rollserve.utils.process) and service managers signal the server's whole process
     group, its engine process included: the server still aborts what runs, then stops the
     engine itself, and exits cleanly."""
     import os
@@ -349,7 +349,7 @@ def test_a_stop_of_the_whole_process_group_aborts_requests_and_stops_the_engine(
 
     import psutil
 
-    from rollserve.process import ManagedProcess, free_port
+    from rollserve.utils.process import ManagedProcess, free_port
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"

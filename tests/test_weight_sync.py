@@ -18,9 +18,9 @@ from safetensors.torch import load_file, save_file
 from test_router_interop import Router
 from transformers import AutoModelForCausalLM
 
-from rollserve.distributed import destroy_weights_group, init_weights_group
 from rollserve.rl import WeightSync, WeightSyncError
-from rollserve.tensor_ipc import serialize_named_tensors
+from rollserve.weights.group import destroy_weights_group, init_weights_group
+from rollserve.weights.ipc import serialize_named_tensors
 
 NO_PROXY = {"http": None, "https": None}
 IDS = [5, 9, 22, 41, 7, 13, 100, 3, 17, 64, 8, 30]

@@ -21,8 +21,8 @@ commands:
 """
 
 COMMANDS = {
-    "launch": ("rollserve.launch", []),
-    "demo": ("rollserve.launch", ["demo=true"]),
+    "launch": ("rollserve.cluster.job", []),
+    "demo": ("rollserve.cluster.job", ["demo=true"]),
     "serve": ("rollserve.launch_server", []),
 }
 

@@ -18,7 +18,7 @@ import torch
 
 from rollserve.bench.linear import forward_seconds, model_weights
 from rollserve.models.loader import cpu_computes_natively
-from rollserve.weight_specs import dtype_name
+from rollserve.utils.dtypes import dtype_name
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -34,7 +34,7 @@ from rollserve.engine.kv_pool import bytes_per_token
 from rollserve.models.config import load_model_config
 from rollserve.models.loader import resolve_dtype
 from rollserve.models.local_cache import ensure_tiny_model
-from rollserve.weight_specs import dtype_name
+from rollserve.utils.dtypes import dtype_name
 
 
 @dataclass(slots=True, frozen=True)

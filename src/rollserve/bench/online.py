@@ -48,7 +48,7 @@ from rollserve.engine.args import DEFAULT_CHUNKED_PREFILL_SIZE
 from rollserve.models.config import load_model_config
 from rollserve.models.loader import resolve_device, resolve_dtype
 from rollserve.models.local_cache import ensure_tiny_model
-from rollserve.weight_specs import dtype_name
+from rollserve.utils.dtypes import dtype_name
 
 
 async def _stream_one(session: aiohttp.ClientSession, url: str, prompt: list[int],

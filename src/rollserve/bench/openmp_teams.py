@@ -24,7 +24,7 @@ import torch
 
 from rollserve import Engine
 from rollserve.models.local_cache import ensure_tiny_model
-from rollserve.weight_specs import dtype_name
+from rollserve.utils.dtypes import dtype_name
 
 PROMPT_LEN = 256
 

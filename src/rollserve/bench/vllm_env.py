@@ -26,7 +26,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from rollserve.cache import cache_dir
+from rollserve.utils.cache import cache_dir
 
 VLLM_VERSION = "0.32.0"
 TORCH_VERSION = "2.13.0"

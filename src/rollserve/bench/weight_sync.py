@@ -30,11 +30,11 @@ import torch.distributed as dist
 
 from rollserve.bench.online import wait_healthy
 from rollserve.client import InferenceHTTPClient
-from rollserve.distributed import destroy_weights_group, init_weights_group
 from rollserve.models.loader import iter_checkpoint_tensors
 from rollserve.models.local_cache import ensure_tiny_model
-from rollserve.process import free_port
 from rollserve.rl import WeightSync
+from rollserve.utils.process import free_port
+from rollserve.weights.group import destroy_weights_group, init_weights_group
 
 NUM_ENGINES = 2
 

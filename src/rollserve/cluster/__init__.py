@@ -2,12 +2,12 @@
 
 from rollserve.cluster.cluster import Cluster, NodeGroup, NodeInfo
 from rollserve.cluster.config import load_config
-from rollserve.cluster.handles import EngineInfo, Pending, RouterGroup, ServerGroup
-from rollserve.cluster.launcher import (
+from rollserve.cluster.fleet import (
     FleetLaunchError,
     launch_router_and_servers,
     launch_sglang_router_and_server,
 )
+from rollserve.cluster.handles import EngineInfo, Pending, RouterGroup, ServerGroup
 from rollserve.cluster.placement import ComponentPlacement, PlacementStrategy, packed_strategy
 
 __all__ = [

@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from rollserve.cluster.router import router_flags
 from rollserve.models.catalog import DEFAULT_MODEL, resolve_model
-from rollserve.process import command_flags
-from rollserve.router import router_flags
+from rollserve.utils.process import command_flags
 
 SERVER_TYPES = ("rollserve", "sglang")
 RUNTIME_KEYS = ("host", "port", "dist_init_addr")  # filled in by the launcher

@@ -15,7 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-CONFIG_MODULE = "rollserve.configs"
+CONFIG_MODULE = "rollserve.cluster.configs"
 CONFIG_NAME = "launch"
 
 

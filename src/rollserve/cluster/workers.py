@@ -3,7 +3,7 @@
 An actor binds its process to its node's address on a free port, waits until it answers,
 and reports failures as data (`Started.error` with the log tail) rather than as exceptions,
 so the driver can name every engine that failed. The process dies with its actor (see
-`rollserve.process`).
+`rollserve.utils.process`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import ray
 
 from rollserve.client import InferenceHTTPClient
 from rollserve.cluster.args import FleetArgs
-from rollserve.process import ManagedProcess, free_port
-from rollserve.router import RouterAPI
+from rollserve.cluster.router import RouterAPI
+from rollserve.utils.process import ManagedProcess, free_port
 
 
 @dataclass(slots=True, frozen=True)

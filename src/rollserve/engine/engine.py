@@ -28,7 +28,6 @@ from rollserve.engine.radix_cache import RadixCache
 from rollserve.engine.request import Req
 from rollserve.engine.scheduler import Scheduler, SchedulerConfig
 from rollserve.engine.validation import GenerateInput, RequestLimits
-from rollserve.engine.weight_update import DEFAULT_GROUP, NamedTensors, WeightUpdater
 from rollserve.kernels.amx_linear import make_amx_linear
 from rollserve.kernels.build import why_not_native
 from rollserve.kernels.decode_attention import make_decode_attention
@@ -37,8 +36,10 @@ from rollserve.kernels.sampling import make_native_sampling
 from rollserve.models.catalog import DEFAULT_MODEL, resolve_model
 from rollserve.models.config import load_model_config
 from rollserve.models.loader import load_model, resolve_device, resolve_dtype
-from rollserve.tensor_ipc import deserialize_named_tensors
-from rollserve.weight_specs import dtype_name, parse_specs
+from rollserve.utils.dtypes import dtype_name
+from rollserve.weights.ipc import deserialize_named_tensors
+from rollserve.weights.specs import parse_specs
+from rollserve.weights.updater import DEFAULT_GROUP, NamedTensors, WeightUpdater
 
 logger = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ from rollserve.engine.latency import Histogram
 from rollserve.engine.output import lost_output
 from rollserve.engine.validation import GenerateInput, RequestLimits
 from rollserve.models.config import ModelConfig
-from rollserve.tensor_ipc import serialize_named_tensors
+from rollserve.weights.ipc import serialize_named_tensors
 
 logger = logging.getLogger(__name__)
 

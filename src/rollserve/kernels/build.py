@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from rollserve.cache import cache_dir
+from rollserve.utils.cache import cache_dir
 
 KERNEL_DIR = Path(__file__).parent
 # -ffp-contract=off: no fused multiply-adds where the C says multiply, round, add (the

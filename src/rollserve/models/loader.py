@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from rollserve.models.config import ModelConfig, load_model_config
 from rollserve.models.llama import CausalLM
-from rollserve.weight_specs import dtype_name
+from rollserve.utils.dtypes import dtype_name
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from rollserve.cache import cache_dir
 from rollserve.models.make_tiny import make_tiny_model
+from rollserve.utils.cache import cache_dir
 
 logger = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ from typing import Any
 import torch
 
 from rollserve.client import InferenceHTTPClient, InferenceHTTPError
-from rollserve.local_fleet import LocalFleet
+from rollserve.cluster.local_fleet import LocalFleet
 from rollserve.models.catalog import DEFAULT_MODEL
-from rollserve.process import free_port
 from rollserve.rl.weight_sync import WeightSync, WeightSyncError
-from rollserve.weight_specs import ParameterTable, TensorSpec
+from rollserve.utils.process import free_port
+from rollserve.weights.specs import ParameterTable, TensorSpec
 
 
 class RolloutService:

@@ -33,9 +33,10 @@ import torch
 import torch.distributed as dist
 
 from rollserve.client import InferenceHTTPClient, InferenceHTTPError
-from rollserve.distributed import DEFAULT_TIMEOUT, destroy_weights_group, init_weights_group
-from rollserve.process import free_port
-from rollserve.weight_specs import ParameterTable, TensorSpec, dtype_name
+from rollserve.utils.dtypes import dtype_name
+from rollserve.utils.process import free_port
+from rollserve.weights.group import DEFAULT_TIMEOUT, destroy_weights_group, init_weights_group
+from rollserve.weights.specs import ParameterTable, TensorSpec
 
 T = TypeVar("T")
 DEFAULT_BUCKET_BYTES = 512 * 2**20

@@ -18,9 +18,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from rollserve.engine.engine_process import AnyEngine
-from rollserve.engine.weight_update import DEFAULT_GROUP, FLATTENED_BUCKET
 from rollserve.server.args import ServerArgs
 from rollserve.server.errors import RequestError, reject_unknown_fields
+from rollserve.weights.updater import DEFAULT_GROUP, FLATTENED_BUCKET
 
 logger = logging.getLogger(__name__)
 

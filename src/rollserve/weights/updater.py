@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from rollserve.distributed import destroy_weights_group, init_weights_group
 from rollserve.models.config import load_model_config
 from rollserve.models.linear import can_pack
 from rollserve.models.llama import CausalLM
 from rollserve.models.loader import iter_checkpoint_tensors
-from rollserve.weight_specs import LM_HEAD_NAME, ParameterTable, TensorSpec
+from rollserve.weights.group import destroy_weights_group, init_weights_group
+from rollserve.weights.specs import LM_HEAD_NAME, ParameterTable, TensorSpec
 
 NamedTensors = list[tuple[str, torch.Tensor]]
 DEFAULT_GROUP = "weight_update_group"  # SGLang's default group name

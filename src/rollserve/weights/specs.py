@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from rollserve.models.llama import EMBED_NAME
+from rollserve.utils.dtypes import dtype_name, parse_dtype
 
 LM_HEAD_NAME = "lm_head.weight"
 
@@ -33,18 +34,6 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
-
-
-def parse_dtype(value: Any) -> torch.dtype:
-    """A torch dtype from SGLang's spelling: "bfloat16", "torch.bfloat16", "half", ..."""
-    dtype = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else None
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {value!r}")
-    return dtype
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def parse_specs(names: Any, dtypes: Any, shapes: Any) -> list[TensorSpec]:

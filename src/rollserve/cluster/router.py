@@ -16,7 +16,7 @@ from typing import Any
 
 import requests
 
-from rollserve.process import command_flags
+from rollserve.utils.process import command_flags
 
 # RouterArgs fields whose command-line flag is not `--<field-name>`.
 _FLAG_ALIASES = {

@@ -1,7 +1,7 @@
 """`LocalFleet`: engine servers (+ the router when there are several) as child processes of
 this one, on 127.0.0.1, without Ray. What `RolloutService.from_pretrained` manages.
 
-The processes die with this one (see `rollserve.process`) and stop on `shutdown()` or at
+The processes die with this one (see `rollserve.utils.process`) and stop on `shutdown()` or at
 interpreter exit.
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 
 from rollserve.client import InferenceHTTPClient
 from rollserve.cluster.args import FleetArgs
-from rollserve.process import ManagedProcess, free_port
-from rollserve.router import RouterAPI
+from rollserve.cluster.router import RouterAPI
+from rollserve.utils.process import ManagedProcess, free_port
 
 HOST = "127.0.0.1"
 

@@ -40,7 +40,7 @@ def run(cfg: DictConfig) -> None:
         )
         print_status(servers, router)
         if cfg.demo:
-            from rollserve.demo import run_demo
+            from rollserve.cluster.demo import run_demo
 
             run_demo(router.get_router_url().wait()[0], servers, cfg.demo_requests,
                      cfg.demo_max_new_tokens)

@@ -1,0 +1,1 @@
+"""Helpers every layer may use: the machine cache, child processes, dtype names."""
