@@ -19,7 +19,8 @@ import torch
 
 from rollserve import Engine
 from rollserve.engine.args import EngineArgs
-from rollserve.engine.engine_process import EngineProcess, RemoteTraceback
+from rollserve.engine.engine_process import EngineProcess
+from rollserve.engine.messages import RemoteTraceback
 
 OPTIONS = {"device": "cpu", "dtype": "float32", "max_total_tokens": 4096}
 GREEDY = {"temperature": 0.0, "max_new_tokens": 12, "ignore_eos": True}

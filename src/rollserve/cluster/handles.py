@@ -90,17 +90,18 @@ class _ActorGroup:
 
     def is_healthy(self) -> Pending[bool]:
         """Per process: it is alive and answers (engines: `GET /health` is 200)."""
-        return self._call("is_healthy", on_dead=False)
+        return self._each(lambda actor: actor.is_healthy.remote(), on_dead=False)
 
     def get_pid(self) -> Pending[int | None]:
-        return self._call("get_pid", on_dead=None)
+        return self._each(lambda actor: actor.get_pid.remote(), on_dead=None)
 
     def get_node_id(self) -> Pending[str]:
         """The Ray node id each process runs on."""
-        return self._call("get_node_id")
+        return self._each(lambda actor: actor.get_node_id.remote())
 
-    def _call(self, method: str, *args: Any, on_dead: Any = _RAISE) -> Pending[Any]:
-        return Pending([getattr(a, method).remote(*args) for a in self._actors], on_dead=on_dead)
+    def _each(self, call: Callable[[Any], Any], on_dead: Any = _RAISE) -> Pending[Any]:
+        """`call(actor)` (which makes one remote call) on every actor."""
+        return Pending([call(actor) for actor in self._actors], on_dead=on_dead)
 
 
 class ServerGroup(_ActorGroup):
@@ -129,10 +130,10 @@ class RouterGroup(_ActorGroup):
 
     def register_server(self, url: str, timeout: float = 300.0) -> Pending[str]:
         """Adds a server; `.wait()` returns once the router reports it healthy."""
-        return self._call("register", url, timeout)
+        return self._each(lambda actor: actor.register.remote(url, timeout))
 
     def unregister_server(self, url: str) -> Pending[None]:
-        return self._call("unregister", url)
+        return self._each(lambda actor: actor.unregister.remote(url))
 
     def list_workers(self) -> Pending[list[dict]]:
-        return self._call("list_workers")
+        return self._each(lambda actor: actor.list_workers.remote())

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import torch
 from transformers import AutoTokenizer
 
-from rollserve.engine.api import GenerationAPI, OnOutput, deliver
+from rollserve.engine.api import EngineAPI, OnOutput, deliver
 from rollserve.engine.args import EngineArgs
 from rollserve.engine.cpu_memory import keep_freed_memory
 from rollserve.engine.detokenizer import IncrementalDetokenizer
@@ -47,7 +47,7 @@ T = TypeVar("T")
 PACKS_PER_STEP = 8  # prepacked forms made per step after an update while requests run
 
 
-class Engine(GenerationAPI):
+class Engine(EngineAPI):
     def __init__(self, model_path: str = DEFAULT_MODEL, **kwargs: Any) -> None:
         """`kwargs`: EngineArgs fields, or `args=EngineArgs(...)`; and `after_pass`, called on
         the engine thread after every pass of its loop (commands, then a step) and once when
@@ -136,7 +136,7 @@ class Engine(GenerationAPI):
     # ---- public API ---------------------------------------------------------------------
 
     def submit(self, inputs: list[GenerateInput], on_output: OnOutput, stream: bool) -> None:
-        """`on_output` runs on the engine thread."""
+        # on_output runs on the engine thread
         reqs = [self._make_req(i, item, on_output, stream) for i, item in enumerate(inputs)]
         for req, item in zip(reqs, inputs, strict=True):
             if item.leader_index is not None:
@@ -150,11 +150,9 @@ class Engine(GenerationAPI):
         self._run_on_loop(lambda: self.scheduler.abort_all(message))
 
     def flush_cache(self) -> int:
-        """Drop every cache entry no running request uses; returns the tokens freed."""
         return self._call(self.scheduler.flush_cache)
 
     def latency_histograms(self) -> dict[str, Histogram]:
-        """Copies of the time-to-first-token and inter-token latency histograms."""
         stats = self.scheduler.stats
         return self._call(lambda: {
             "time_to_first_token_seconds": copy.deepcopy(stats.time_to_first_token),
@@ -183,27 +181,19 @@ class Engine(GenerationAPI):
             }
         return self._call(read)
 
-    # ---- weight updates (SGLang's RL API) ------------------------------------------------
-    #
-    # An update installs new weights once every request that has started is finished; new
-    # requests wait meanwhile, so each request runs on one weight version (its meta_info
-    # `weight_version`). While paused (pause_generation) updates install at once. The cache
-    # is flushed after an update unless flush_cache=False.
+    # ---- weight updates (EngineAPI states the contract) ----------------------------------
 
     @property
     def weight_version(self) -> str:
         return self.scheduler.weight_version
 
     def weights_metadata(self) -> dict[str, Any]:
-        """What an update may carry: every parameter's HF name, dtype and shape."""
         return self.weights.table.to_json()
 
     def init_weights_update_group(
         self, master_address: str, master_port: int, rank_offset: int, world_size: int,
         group_name: str = DEFAULT_GROUP, backend: str = "gloo",
     ) -> None:
-        """Join a trainer's weight-sync group at rank `rank_offset`; blocks until all
-        `world_size` ranks have joined. Generation goes on meanwhile."""
         self.weights.init_group(master_address, master_port, rank_offset, world_size,
                                 group_name, backend)
 
@@ -217,11 +207,6 @@ class Engine(GenerationAPI):
         weight_version: str | None = None, load_format: str | None = None,
         abort_all_requests: bool = False, apply: bool = True,
     ) -> str:
-        """Receive the tensors the trainer broadcasts from rank 0, one per name in order, and
-        install them. Raises ValueError naming the tensor, before receiving anything, for an
-        unknown name, a wrong shape or a non-floating dtype (the trainer must then not
-        broadcast). `apply=False` (rollserve extension) stages them for the next update that
-        applies, so that many buckets switch weights at once."""
         specs = parse_specs(names, dtypes, shapes)
         with self._update_lock:
             self.weights.check(specs, group_name, load_format)
@@ -234,7 +219,6 @@ class Engine(GenerationAPI):
         weight_version: str | None = None, abort_all_requests: bool = False,
         apply: bool = True,
     ) -> str:
-        """Install in-memory tensors (same checks as update_weights_from_distributed)."""
         tensors = list(named_tensors)
         with self._update_lock:
             self.weights.check_tensors(tensors)  # they belong to the sender: copied
@@ -242,20 +226,19 @@ class Engine(GenerationAPI):
                                abort_all_requests)
 
     def update_weights_from_serialized(
-        self, payload: str, load_format: str | None = None, **update: Any
+        self, payload: str, load_format: str | None = None, flush_cache: bool = True,
+        weight_version: str | None = None, abort_all_requests: bool = False,
+        apply: bool = True,
     ) -> str:
-        """`update_weights_from_tensor` for SGLang's serialized tensors (the HTTP endpoint's
-        form), opened in this process: CUDA IPC handles only open where the engine runs."""
         return self.update_weights_from_tensor(
-            deserialize_named_tensors(payload, load_format), **update
+            deserialize_named_tensors(payload, load_format), flush_cache, weight_version,
+            abort_all_requests, apply,
         )
 
     def update_weights_from_disk(
         self, model_path: str, flush_cache: bool = True, weight_version: str | None = None,
         abort_all_requests: bool = False,
     ) -> str:
-        """Install a whole checkpoint of the same architecture (a directory, a .gguf file or a
-        model name); on any mismatch raises ValueError and the current weights keep serving."""
         with self._update_lock:
             tensors = self.weights.read_checkpoint(resolve_model(model_path))
             return self._apply(tensors, False, True, flush_cache, weight_version,
@@ -265,9 +248,6 @@ class Engine(GenerationAPI):
         return self._call(lambda: self.weights.read(name, truncate_size))
 
     def pause_generation(self, mode: str = "abort") -> None:
-        """Stop generating; weight updates then install at once. Modes: abort (requests in
-        flight finish with an abort reason), retract (they drop their KV and recompute it on
-        continue), in_place (they keep their KV and continue on whatever weights are in)."""
         self._call(lambda: self.scheduler.pause(mode))
 
     def continue_generation(self) -> None:
@@ -280,12 +260,6 @@ class Engine(GenerationAPI):
         self._stopped.set()
         self._commands.put(lambda: None)  # wake the loop
         self._thread.join(timeout=30)
-
-    def __enter__(self) -> Engine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
 
     # ---- engine thread ------------------------------------------------------------------
 

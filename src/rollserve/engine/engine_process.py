@@ -5,14 +5,9 @@ the engine thread then never wait on one interpreter lock. A GPU engine's step i
 launching kernels, so every event the loop streamed was time taken from the engine
 (BENCHMARKS.md, "Online (HTTP) vs offline engine").
 
-Messages, parent to child: ("submit", batch, inputs, stream), ("abort", rid),
-("abort_all", message), ("call", call_id, method, args, kwargs), ("shutdown",).
-Child to parent: ("ready", EngineInfo) or ("failed", RemoteError) once, then
-("outputs", [(batch, index, output, finished), ...]) after every pass of the engine loop
-that produced any, and ("result", call_id, RemoteError or None, value).
-Invariants: a batch's callback is dropped after its last finished output; when the child
-dies, every unfinished request still gets its finish (an abort) and every pending call
-raises.
+The messages are the typed ones of `engine/messages.py`. Invariants: a batch's callback is
+dropped after its last finished output; when the child dies, every unfinished request still
+gets its finish (an abort) and every pending call raises.
 """
 
 from __future__ import annotations
@@ -22,27 +17,27 @@ import itertools
 import logging
 import multiprocessing
 import os
-import pickle
 import signal
 import sys
 import threading
-import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers import AutoTokenizer
 
-from rollserve.engine.api import GenerationAPI, OnOutput, deliver
+from rollserve.engine import messages as msg
+from rollserve.engine.api import EngineAPI, OnOutput, deliver
 from rollserve.engine.args import EngineArgs
 from rollserve.engine.engine import Engine
 from rollserve.engine.latency import Histogram
+from rollserve.engine.messages import Output, RemoteError
 from rollserve.engine.output import lost_output
-from rollserve.engine.validation import GenerateInput, RequestLimits
-from rollserve.models.config import ModelConfig
+from rollserve.engine.validation import GenerateInput
 from rollserve.weights.ipc import serialize_named_tensors
+from rollserve.weights.updater import DEFAULT_GROUP
 
 logger = logging.getLogger(__name__)
 
@@ -50,42 +45,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # The exit status of an engine process that was told to make an engine of its own while
 # importing the parent's script (see `_exit_if_importing_main`): the parent explains it.
 UNGUARDED_MAIN_EXIT = 79
-Output = tuple[int, int, dict[str, Any], bool]  # batch, index, output, finished
-
-
-@dataclass(slots=True, frozen=True)
-class EngineInfo:
-    """What the parent needs without asking: set once the model is loaded."""
-
-    model_config: ModelConfig
-    context_len: int
-    limits: RequestLimits
-    device: str
-
-
-class RemoteTraceback(Exception):
-    """Where in the engine process an error was raised: the `__cause__` of the exception
-    raised here, so a logged error shows the engine's frames, not only the pipe's."""
-
-    def __str__(self) -> str:
-        return self.args[0]
-
-
-@dataclass(slots=True, frozen=True)
-class RemoteError:
-    """An exception raised in the engine process, with its traceback as text (a pickled
-    exception loses its traceback)."""
-
-    exception: BaseException
-    traceback: str
-
-    @classmethod
-    def capture(cls, exc: BaseException) -> RemoteError:
-        return cls(_picklable(exc), "".join(traceback.format_exception(exc)))
-
-    def reraisable(self) -> BaseException:
-        self.exception.__cause__ = RemoteTraceback(self.traceback)
-        return self.exception
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -96,7 +56,7 @@ class _Batch:
     last: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
-class EngineProcess(GenerationAPI):
+class EngineProcess(EngineAPI):
     """The `Engine` calls the server makes, answered by an engine in a child process; the
     weight-update calls take Engine's arguments. Requests are validated and tokenized here.
     `on_output` callbacks run on this process's reader thread, as does `on_exit` if the
@@ -138,19 +98,19 @@ class EngineProcess(GenerationAPI):
                                         daemon=True)
         self._reader.start()
 
-    def _await_start(self) -> EngineInfo:
+    def _await_start(self) -> msg.Ready:
         try:
-            kind, value = self._conn.recv()
+            message = self._conn.recv()
         except EOFError:
             self._process.join()
             if self._process.exitcode == UNGUARDED_MAIN_EXIT:
                 raise RuntimeError(_unguarded_main_message()) from None
             raise RuntimeError(f"the engine process exited with code {self._process.exitcode} "
                                "while loading the model (its log is above)") from None
-        if kind == "failed":
+        if isinstance(message, msg.Failed):
             self._process.join()
-            raise value.reraisable()
-        return value
+            raise message.error.reraisable()
+        return message
 
     # ---- generation ---------------------------------------------------------------------
 
@@ -161,67 +121,93 @@ class EngineProcess(GenerationAPI):
                 raise RuntimeError(self._exited)
             self._batches[batch] = _Batch(on_output, inputs, set(range(len(inputs))))
         try:
-            self._send(("submit", batch, inputs, stream))
+            self._send(msg.Submit(batch, inputs, stream))
         except RuntimeError:
             with self._state_lock:
                 self._batches.pop(batch, None)
             raise
 
     def abort(self, rid: str) -> None:
-        self._send(("abort", rid), required=False)
+        self._send(msg.Abort(rid), required=False)
 
     def abort_all(self, message: str = "aborted by request") -> None:
-        self._send(("abort_all", message), required=False)
+        self._send(msg.AbortAll(message), required=False)
 
     # ---- everything else, answered by the child's Engine --------------------------------
 
     def flush_cache(self) -> int:
-        return self._call("flush_cache")
+        return self._call(msg.FlushCache())
 
     def stats(self) -> dict[str, Any]:
-        return self._call("stats")
+        return self._call(msg.Stats())
 
     def latency_histograms(self) -> dict[str, Histogram]:
-        return self._call("latency_histograms")
+        return self._call(msg.LatencyHistograms())
 
     @property
     def weight_version(self) -> str:
-        return self._call("weight_version")
+        return self._call(msg.WeightVersion())
 
     def weights_metadata(self) -> dict[str, Any]:
-        return self._call("weights_metadata")
+        return self._call(msg.WeightsMetadata())
 
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
-        return self._call("get_weights_by_name", name, truncate_size)
+        return self._call(msg.GetWeightsByName(name, truncate_size))
 
-    def init_weights_update_group(self, *args: Any, **kwargs: Any) -> None:
-        self._call("init_weights_update_group", *args, **kwargs)
+    def init_weights_update_group(
+        self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+        group_name: str = DEFAULT_GROUP, backend: str = "gloo",
+    ) -> None:
+        self._call(msg.InitWeightsUpdateGroup(master_address, master_port, rank_offset,
+                                              world_size, group_name, backend))
 
-    def destroy_weights_update_group(self, *args: Any, **kwargs: Any) -> None:
-        self._call("destroy_weights_update_group", *args, **kwargs)
+    def destroy_weights_update_group(self, group_name: str = DEFAULT_GROUP) -> None:
+        self._call(msg.DestroyWeightsUpdateGroup(group_name))
 
-    def update_weights_from_distributed(self, *args: Any, **kwargs: Any) -> str:
-        return self._call("update_weights_from_distributed", *args, **kwargs)
+    def update_weights_from_distributed(
+        self, names: list[str], dtypes: list[str], shapes: list[list[int]],
+        group_name: str = DEFAULT_GROUP, flush_cache: bool = True,
+        weight_version: str | None = None, load_format: str | None = None,
+        abort_all_requests: bool = False, apply: bool = True,
+    ) -> str:
+        return self._call(msg.UpdateWeightsFromDistributed(
+            names, dtypes, shapes, group_name, flush_cache, weight_version, load_format,
+            abort_all_requests, apply,
+        ))
 
-    def update_weights_from_serialized(self, payload: str, load_format: str | None = None,
-                                       **update: Any) -> str:
-        return self._call("update_weights_from_serialized", payload, load_format, **update)
+    def update_weights_from_serialized(
+        self, payload: str, load_format: str | None = None, flush_cache: bool = True,
+        weight_version: str | None = None, abort_all_requests: bool = False,
+        apply: bool = True,
+    ) -> str:
+        return self._call(msg.UpdateWeightsFromSerialized(
+            payload, load_format, flush_cache, weight_version, abort_all_requests, apply,
+        ))
 
-    def update_weights_from_tensor(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
-                                   **update: Any) -> str:
+    def update_weights_from_tensor(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], flush_cache: bool = True,
+        weight_version: str | None = None, abort_all_requests: bool = False,
+        apply: bool = True,
+    ) -> str:
         """The tensors cross as SGLang's serialized form: CPU storages move to shared
         memory, CUDA ones travel as IPC handles."""
-        return self.update_weights_from_serialized(serialize_named_tensors(named_tensors),
-                                                   **update)
+        return self.update_weights_from_serialized(
+            serialize_named_tensors(named_tensors), None, flush_cache, weight_version,
+            abort_all_requests, apply,
+        )
 
-    def update_weights_from_disk(self, *args: Any, **kwargs: Any) -> str:
-        return self._call("update_weights_from_disk", *args, **kwargs)
+    def update_weights_from_disk(
+        self, model_path: str, flush_cache: bool = True, weight_version: str | None = None,
+        abort_all_requests: bool = False,
+    ) -> str:
+        return self._call(msg.UpdateWeightsFromDisk(model_path, flush_cache, weight_version,
+                                                    abort_all_requests))
 
     def pause_generation(self, mode: str = "abort") -> None:
-        self._call("pause_generation", mode)
+        self._call(msg.PauseGeneration(mode))
 
     def continue_generation(self) -> None:
-        self._call("continue_generation")
+        self._call(msg.ContinueGeneration())
 
     def shutdown(self) -> None:
         """Requests in flight finish with an abort; returns once the child has exited."""
@@ -229,7 +215,7 @@ class EngineProcess(GenerationAPI):
             if self._closing:
                 return
             self._closing = True
-        self._send(("shutdown",), required=False)
+        self._send(msg.Shutdown(), required=False)
         self._reader.join(timeout=60)  # it ends once the child has exited and been reaped
         if self._reader.is_alive():
             logger.error("the engine process did not stop within 60 s; killing it")
@@ -237,25 +223,19 @@ class EngineProcess(GenerationAPI):
             self._reader.join()
         self._conn.close()
 
-    def __enter__(self) -> EngineProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
-
     # ---- the pipe -----------------------------------------------------------------------
 
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    def _call(self, request: msg.EngineCall[T]) -> T:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
         call_id = next(self._ids)
         with self._state_lock:
             if self._exited is not None:
                 raise RuntimeError(self._exited)
             self._calls[call_id] = future
-        self._send(("call", call_id, method, args, kwargs))
+        self._send(msg.Call(call_id, request))
         return future.result()
 
-    def _send(self, message: tuple, required: bool = True) -> None:
+    def _send(self, message: object, required: bool = True) -> None:
         """`required`: raise if the child is gone (an abort then has nothing left to do)."""
         try:
             with self._send_lock:
@@ -269,16 +249,15 @@ class EngineProcess(GenerationAPI):
         waitpid), and whatever ends it fails everything still waiting."""
         try:
             while True:
-                kind, *body = self._conn.recv()
-                if kind == "outputs":
-                    self._deliver(body[0])
-                else:  # "result"
-                    call_id, error, value = body
-                    future = self._calls.pop(call_id)
-                    if error is not None:
-                        future.set_exception(error.reraisable())
-                    else:
-                        future.set_result(value)
+                match self._conn.recv():
+                    case msg.Outputs(items):
+                        self._deliver(items)
+                    case msg.Result(call_id, error, value):
+                        future = self._calls.pop(call_id)
+                        if error is not None:
+                            future.set_exception(error.reraisable())
+                        else:
+                            future.set_result(value)
         except (EOFError, OSError):
             pass
         except Exception:
@@ -320,9 +299,8 @@ class EngineProcess(GenerationAPI):
             self._on_exit()
 
 
-# What the server runs over: its own engine process, or an in-process Engine (tests, and
-# programs that embed the app).
-AnyEngine = Engine | EngineProcess
+# Until the server names EngineAPI itself.
+AnyEngine = EngineAPI
 
 
 # ---- the child ----------------------------------------------------------------------------
@@ -362,7 +340,7 @@ def _serve(args: EngineArgs, conn: Connection, log_level: int) -> None:
         if not outputs:
             return
         try:
-            _send(conn, send_lock, ("outputs", outputs.copy()))
+            _send(conn, send_lock, msg.Outputs(outputs.copy()))
         except Exception:  # outputs that do not pickle: without them the parent would wait
             logger.exception("shipping outputs to the server failed; stopping the engine")
             os._exit(1)  # the parent sees EOF and fails every request it holds
@@ -372,10 +350,10 @@ def _serve(args: EngineArgs, conn: Connection, log_level: int) -> None:
     try:
         engine = Engine(args=args, after_pass=ship_outputs)
     except BaseException as exc:
-        _send(conn, send_lock, ("failed", RemoteError.capture(exc)))
+        _send(conn, send_lock, msg.Failed(RemoteError.capture(exc)))
         return
-    info = EngineInfo(engine.model_config, engine.context_len, engine.limits, str(engine.device))
-    _send(conn, send_lock, ("ready", info))
+    _send(conn, send_lock, msg.Ready(engine.model_config, engine.context_len, engine.limits,
+                                     str(engine.device)))
     try:
         _follow(engine, conn, send_lock, outputs)
     finally:
@@ -387,20 +365,21 @@ def _follow(engine: Engine, conn: Connection, send_lock: threading.Lock,
             outputs: list[Output]) -> None:
     while True:
         try:
-            kind, *body = conn.recv()
+            message = conn.recv()
         except (EOFError, OSError):  # the parent is gone
             return
-        if kind == "submit":
-            _submit(engine, conn, send_lock, *body, outputs)
-        elif kind == "abort":
-            engine.abort(body[0])
-        elif kind == "abort_all":
-            engine.abort_all(body[0])
-        elif kind == "call":  # may block for long (a weight update waits for the trainer)
-            threading.Thread(target=_answer, args=(engine, conn, send_lock, *body),
-                             daemon=True).start()
-        else:  # "shutdown"
-            return
+        match message:
+            case msg.Submit(batch, inputs, stream):
+                _submit(engine, conn, send_lock, batch, inputs, stream, outputs)
+            case msg.Abort(rid):
+                engine.abort(rid)
+            case msg.AbortAll(text):
+                engine.abort_all(text)
+            case msg.Call(call_id, request):  # may block long (an update waits for a trainer)
+                threading.Thread(target=_answer, args=(engine, conn, send_lock, call_id, request),
+                                 daemon=True).start()
+            case msg.Shutdown():
+                return
 
 
 def _submit(engine: Engine, conn: Connection, send_lock: threading.Lock, batch: int,
@@ -411,7 +390,7 @@ def _submit(engine: Engine, conn: Connection, send_lock: threading.Lock, batch: 
     except Exception as exc:
         logger.exception("submitting a request failed")
         reason = f"the engine could not take the request: {type(exc).__name__}: {exc}"
-        _send(conn, send_lock, ("outputs", [(batch, i, lost_output(item, None, reason), True)
+        _send(conn, send_lock, msg.Outputs([(batch, i, lost_output(item, None, reason), True)
                                             for i, item in enumerate(inputs)]))
 
 
@@ -423,33 +402,22 @@ def _collector(outputs: list[Output], batch: int) -> OnOutput:
 
 
 def _answer(engine: Engine, conn: Connection, send_lock: threading.Lock, call_id: int,
-            method: str, args: tuple, kwargs: dict[str, Any]) -> None:
+            request: msg.EngineCall) -> None:
     try:
-        attribute = getattr(engine, method)
-        value = attribute(*args, **kwargs) if callable(attribute) else attribute
-        reply = ("result", call_id, None, value)
+        reply = msg.Result(call_id, None, request.run(engine))
     except Exception as exc:
-        reply = ("result", call_id, RemoteError.capture(exc), None)
+        reply = msg.Result(call_id, RemoteError.capture(exc), None)
     try:
         _send(conn, send_lock, reply)
     except Exception as exc:  # a value that does not pickle: the caller must still hear
-        _send(conn, send_lock, ("result", call_id, RemoteError.capture(RuntimeError(
-            f"{method}'s answer could not be sent: {type(exc).__name__}: {exc}")), None))
+        _send(conn, send_lock, msg.Result(call_id, RemoteError.capture(RuntimeError(
+            f"the answer to {type(request).__name__} could not be sent: "
+            f"{type(exc).__name__}: {exc}")), None))
 
 
-def _send(conn: Connection, lock: threading.Lock, message: tuple) -> None:
+def _send(conn: Connection, lock: threading.Lock, message: object) -> None:
     try:
         with lock:
             conn.send(message)
     except OSError:
         pass  # the parent is gone: the receive loop sees it and stops the engine
-
-
-def _picklable(exc: BaseException) -> BaseException:
-    """`exc` itself when it survives the pipe (a ValueError stays a ValueError, for the
-    server's 400s), else a RuntimeError with its text."""
-    try:
-        pickle.loads(pickle.dumps(exc))
-        return exc
-    except Exception:
-        return RuntimeError(f"{type(exc).__name__}: {exc}")
