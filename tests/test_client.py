@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -63,6 +66,26 @@ def test_session_is_released_and_recreated_after_aclose(llama_server) -> None:
         await client.aclose()
 
     asyncio.run(run())
+
+
+def test_a_session_never_closed_is_closed_when_its_event_loop_ends(llama_server) -> None:
+    script = textwrap.dedent(f"""
+        import asyncio, gc
+        from rollserve.client import InferenceHTTPClient
+        client = InferenceHTTPClient({llama_server.url!r})
+
+        async def ask():
+            out = await client.async_generate(input_ids=[1, 2, 3], sampling_params={GREEDY!r})
+            return len(out["output_ids"])
+
+        print(asyncio.run(ask()), client._session.closed)
+        print(asyncio.run(ask()))  # a later loop gets a fresh session
+        gc.collect()
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert done.stdout.split() == ["8", "True", "8"]
+    assert "Unclosed" not in done.stderr, done.stderr
 
 
 def test_health_is_false_quickly_when_nothing_listens() -> None:

@@ -2,6 +2,8 @@
 
 Sync methods use `requests`; async twins share one lazily created `aiohttp.ClientSession`
 (close it with `async with` or `aclose()`; using the client afterwards opens a fresh one).
+A session nobody closed is closed when its event loop ends (`asyncio.run` returning), as
+its loop closes every async generator it started: no "Unclosed client session" at exit.
 `connect_timeout` bounds only the TCP connect: reads are uncapped, since generation can take
 arbitrarily long (wrap calls in `asyncio.wait_for` for a deadline).
 
@@ -15,7 +17,7 @@ import asyncio
 import ipaddress
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import urlparse
 
@@ -44,6 +46,8 @@ class InferenceHTTPClient:
         self._http = requests.Session()
         self._http.trust_env = self.trust_env
         self._session: aiohttp.ClientSession | None = None
+        # Parked at its yield while the session lives; closing it closes the session.
+        self._session_closer: AsyncGenerator[None, None] | None = None
 
     # ---- sync ------------------------------------------------------------------------
 
@@ -140,7 +144,7 @@ class InferenceHTTPClient:
 
     async def async_health(self) -> bool:
         try:
-            session = self._get_session()
+            session = await self._get_session()
             async with session.get(self.base_url + "/health", timeout=aiohttp.ClientTimeout(
                     total=self.connect_timeout)) as response:
                 return response.status == 200
@@ -155,7 +159,7 @@ class InferenceHTTPClient:
         body = _generate_body(prompt, input_ids, sampling_params, return_logprob,
                               {**kwargs, "stream": True})
         url = self.base_url + "/generate"
-        async with self._get_session().post(url, json=body) as response:
+        async with (await self._get_session()).post(url, json=body) as response:
             if response.status >= 300:
                 _raise_for(response.status, url, await response.text())
             tracker = _DeltaTracker()
@@ -169,7 +173,7 @@ class InferenceHTTPClient:
     ) -> AsyncIterator[dict[str, Any]]:
         url = self.base_url + "/v1/chat/completions"
         body = {"model": model, "messages": messages, **kwargs, "stream": True}
-        async with self._get_session().post(url, json=body) as response:
+        async with (await self._get_session()).post(url, json=body) as response:
             if response.status >= 300:
                 _raise_for(response.status, url, await response.text())
             async for line in response.content:
@@ -181,7 +185,7 @@ class InferenceHTTPClient:
         url = self.base_url + path
         for attempt in range(self.max_retries + 1):
             try:
-                async with self._get_session().post(url, json=body) as response:
+                async with (await self._get_session()).post(url, json=body) as response:
                     text = await response.text()
                     if response.status not in RETRY_STATUSES or attempt == self.max_retries:
                         _raise_for(response.status, url, text)
@@ -237,18 +241,20 @@ class InferenceHTTPClient:
 
         return asyncio.run(run())
 
-    def _get_session(self) -> aiohttp.ClientSession:
+    async def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout)
             connector = aiohttp.TCPConnector(limit=0)
             self._session = aiohttp.ClientSession(timeout=timeout, connector=connector,
                                                   trust_env=self.trust_env)
+            self._session_closer = _close_with_loop(self._session)
+            await anext(self._session_closer)
         return self._session
 
     async def aclose(self) -> None:
-        if self._session is not None and not self._session.closed:
-            await self._session.close()
-        self._session = None
+        if self._session_closer is not None:
+            await self._session_closer.aclose()  # closes the session
+        self._session = self._session_closer = None
 
     async def __aenter__(self) -> InferenceHTTPClient:
         return self
@@ -258,6 +264,15 @@ class InferenceHTTPClient:
 
     def close(self) -> None:
         self._http.close()
+
+
+async def _close_with_loop(session: aiohttp.ClientSession) -> AsyncGenerator[None, None]:
+    """Yields once, then waits to be closed: by `aclose()`, or by the event loop, which closes
+    every async generator started in it before it ends (`shutdown_asyncgens`)."""
+    try:
+        yield
+    finally:
+        await session.close()
 
 
 def _generate_body(prompt: Any, input_ids: Any, sampling_params: dict[str, Any] | None,
