@@ -10,6 +10,7 @@ import torch
 from rollserve.engine.kv_pool import KVPool, ReqToTokenTable
 from rollserve.engine.request import Req
 from rollserve.kernels.decode_attention import DecodeAttention
+from rollserve.kernels.prefill_attention import PrefillAttention, make_prefill_attention
 from rollserve.models.attention import AttentionBatch, ExtendSpan, attention_backends
 from rollserve.models.llama import CausalLM
 
@@ -61,6 +62,7 @@ class ModelRunner:
         self.model, self.pool, self.table = model, pool, table
         self.decode_kernel = decode_kernel
         self.device = pool.device
+        self.extend_kernel = _extend_kernel_like(decode_kernel, self.device)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, out_slots: torch.Tensor) -> StepLogits:
@@ -119,7 +121,7 @@ class ModelRunner:
             offset += size
         return AttentionBatch(
             positions, out_slots, len(batch.decodes), decode_slots, kv_lens, padding, spans,
-            self.pool.k_cache, self.pool.v_cache, self.decode_kernel,
+            self.pool.k_cache, self.pool.v_cache, self.decode_kernel, self.extend_kernel,
         )
 
     def _logit_rows(
@@ -141,6 +143,19 @@ class ModelRunner:
                 rows.extend(offset + p - chunk.start for p in wanted)
             offset += chunk.end - chunk.start
         return torch.tensor(rows, dtype=torch.int64), sample_reqs, logprob_rows
+
+
+def _extend_kernel_like(
+    decode_kernel: DecodeAttention | None, device: torch.device
+) -> PrefillAttention | None:
+    """The native extend-attention kernel wherever it applies and the engine built a decode
+    kernel: native kernels are on (no --disable-native-kernels, a compiler, AVX2 or better)
+    and the decode kernel knows the model's head layout and dtype. None: SDPA."""
+    if decode_kernel is None:
+        return None
+    return make_prefill_attention(
+        device, decode_kernel.dtype, decode_kernel.head_dim, decode_kernel.group
+    )
 
 
 def _prefix_causal_mask(start: int, end: int, device: torch.device) -> torch.Tensor | None:

@@ -2,9 +2,11 @@
 
 A forward pass sees a flattened batch of tokens ordered as [all decode tokens, then each
 extend (prefill) sequence's tokens]. Decode tokens attend through the native CPU kernel when
-the batch carries one (rollserve.kernels.decode_attention), else as one padded PyTorch batch;
-each extend sequence attends on its own (a bf16 one on CPU padded at the end to SDPA's block
-size, see _causal_padding).
+the batch carries one (rollserve.kernels.decode_attention), else as one padded PyTorch batch.
+Each extend sequence attends on its own: through the native CPU kernel when the batch carries
+one (rollserve.kernels.prefill_attention: bf16 on AVX512_BF16 CPUs, reading K/V from the
+pool in place), else through SDPA on its K/V gathered from the pool (a bf16 span on CPU
+padded at the end to SDPA's block size, see _causal_padding).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rollserve.kernels.decode_attention import DecodeAttention
+from rollserve.kernels.prefill_attention import PrefillAttention
 
 _SDPA_BF16_BLOCK = 32
 # cuDNN's SDPA builds an execution plan for every new (query length, key length) pair, tens
@@ -31,7 +34,8 @@ class ExtendSpan:
     start: int  # first row of this sequence in the flattened batch
     end: int
     kv_slots: torch.Tensor  # [kv_len] pool slots, cached prefix first, then this chunk
-    mask: torch.Tensor | None  # [q_len, kv_len] bool, None when plain causal (no prefix)
+    mask: torch.Tensor | None  # [q_len, kv_len] bool, None when plain causal (no prefix);
+    # SDPA's input only: the extend kernel reads the same mask off kv_len - q_len
 
 
 @dataclass(slots=True)
@@ -49,6 +53,7 @@ class AttentionBatch:
     k_cache: torch.Tensor  # [layers, kv_heads, slots, head_dim]
     v_cache: torch.Tensor
     decode_kernel: DecodeAttention | None = None  # None: the PyTorch path below
+    extend_kernel: PrefillAttention | None = None  # None: SDPA (_attend_extend)
 
 
 def attention_backends() -> AbstractContextManager:
@@ -75,9 +80,11 @@ def paged_attention(
     elif n:
         out[:n] = _attend_decode(q[:n], k_cache, v_cache, batch, scale)
     for span in batch.extends:
-        out[span.start : span.end] = _attend_extend(
-            q[span.start : span.end], k_cache, v_cache, span, scale
-        )
+        rows = slice(span.start, span.end)
+        if batch.extend_kernel is not None:
+            batch.extend_kernel(q[rows], k_cache, v_cache, span.kv_slots, scale, out[rows])
+        else:
+            out[rows] = _attend_extend(q[rows], k_cache, v_cache, span, scale)
     return out
 
 

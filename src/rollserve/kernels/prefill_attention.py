@@ -1,0 +1,85 @@
+"""Prefill (extend) attention through the kernel in prefill_attention.c (CPU, bfloat16,
+AVX-512 with AVX512_BF16 only).
+
+`make_prefill_attention` returns None wherever the kernel does not apply (another device
+or dtype, a head size that is no multiple of 32, a CPU without AVX-512 or AVX512_BF16, an
+ISA forced below AVX-512, no C compiler): the engine then keeps SDPA, which computes the
+same attention.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from rollserve.kernels import build
+from rollserve.kernels.build import FLOAT, INT, INT64, POINTER
+
+logger = logging.getLogger(__name__)
+
+# The kernel's dot products are vdpbf16ps (AVX512_BF16), beyond what ISA_FLAGS["avx512"]
+# lets the compiler use.
+_BF16_FLAGS = ("-mavx512bf16",)
+
+
+class PrefillAttention:
+    """Callable: (q [q_len, heads, dim], k, v [kv_heads, pool_slots, dim] of one layer,
+    kv_slots [kv_len] int64, scale, out) -> out [q_len, heads, dim]. Query i sees keys
+    0 .. kv_len - q_len + i: causal after a cached prefix of kv_len - q_len tokens."""
+
+    def __init__(self, head_dim: int, group: int) -> None:
+        library = build.load_kernel("prefill_attention", {
+            "HEAD_DIM": head_dim, "GROUP": group, **build.ELEMENT_MACROS[torch.bfloat16],
+        }, "avx512", _BF16_FLAGS)
+        self._run = build.bind(library, "prefill_attention", [
+            POINTER, INT64, POINTER, POINTER, INT64, POINTER, INT64, INT64, POINTER, INT64,
+            FLOAT, INT,
+        ], returns=INT)
+        self.head_dim, self.group = head_dim, group
+        self.dtype, self.isa = torch.bfloat16, "avx512"
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_slots: torch.Tensor,
+        scale: float, out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # The kernel reads raw memory: shapes, dtypes and layouts are checked here, once.
+        q_len, heads, dim = q.shape
+        kv_heads, pool_slots, _ = k.shape
+        build.require(dim == self.head_dim and heads == kv_heads * self.group, "q's head layout")
+        build.require(q.dtype == k.dtype == v.dtype == self.dtype and k.shape == v.shape, "q, k, v")
+        build.require(k.is_contiguous() and v.is_contiguous(), "the KV pool's layout")
+        build.require(kv_slots.dtype == torch.int64 and kv_slots.dim() == 1
+                      and q_len <= kv_slots.shape[0], "kv_slots")
+        if q.stride(2) != 1 or q.stride(1) != dim:  # token rows may lie apart, heads may not
+            q = q.contiguous()
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype)
+        build.require(out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous(),
+                      "out")
+        if q_len == 0:
+            return out
+        kv_slots = kv_slots.contiguous()
+        status = self._run(
+            q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), pool_slots,
+            kv_slots.data_ptr(), kv_slots.shape[0], q_len, out.data_ptr(), kv_heads, scale,
+            torch.get_num_threads(),
+        )
+        if status != 0:
+            raise MemoryError("prefill attention could not allocate its scratch buffers")
+        return out
+
+
+def make_prefill_attention(
+    device: torch.device, dtype: torch.dtype, head_dim: int, group: int
+) -> PrefillAttention | None:
+    """The kernel where it applies here, else None (the caller keeps SDPA)."""
+    if dtype != torch.bfloat16 or head_dim % 32 or build.native_isa(device, dtype) != "avx512":
+        return None
+    if not torch.cpu._is_avx512_bf16_supported():
+        return None
+    try:
+        return PrefillAttention(head_dim, group)
+    except build.KernelBuildError as exc:
+        logger.warning("prefill-attention kernel unavailable, using SDPA: %s", exc)
+        return None
