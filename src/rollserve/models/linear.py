@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rollserve.kernels.amx_linear import AmxLinear
+from rollserve.models.parallel import Shard
 
 _PACK_BATCH_HINT = 64  # the layout suits any batch; 64 is a typical decode batch
 
@@ -46,8 +47,13 @@ def linear(
 
 
 class Linear(nn.Linear):
-    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+    """`shard`: the part of the checkpoint's weight this one holds under tensor parallelism
+    (dim 0: some output features; dim 1: some input features, partial sums); None: all."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool,
+                 shard: Shard | None = None) -> None:
         super().__init__(in_features, out_features, bias=bias)
+        self.shard = shard
         self.packed: torch.Tensor | None = None
         self.amx: AmxLinear | None = None  # takes the few-row matmuls when set
 
@@ -59,18 +65,19 @@ class Linear(nn.Linear):
 
 
 class FusedLinear(Linear):
-    """Several projections of the same input as one matmul: the parts' output rows stacked in
-    the order given (`parts`: name -> output size). Split the output with `sizes`."""
+    """Several projections of the same input as one matmul, their output rows stacked in the
+    order given. `parts`: checkpoint name -> the rows of that tensor held here (all of them
+    without tensor parallelism). Split the output with `sizes`."""
 
-    def __init__(self, in_features: int, parts: dict[str, int], bias: bool) -> None:
-        super().__init__(in_features, sum(parts.values()), bias=bias)
+    def __init__(self, in_features: int, parts: dict[str, Shard], bias: bool) -> None:
+        super().__init__(in_features, sum(s.length for s in parts.values()), bias=bias)
         self.parts = dict(parts)
-        self.sizes = list(parts.values())
+        self.sizes = [s.length for s in parts.values()]
 
     def part_rows(self) -> dict[str, slice]:
         """Each part's rows of the fused weight (and bias)."""
         rows, start = {}, 0
-        for name, size in self.parts.items():
-            rows[name] = slice(start, start + size)
-            start += size
+        for name, shard in self.parts.items():
+            rows[name] = slice(start, start + shard.length)
+            start += shard.length
         return rows

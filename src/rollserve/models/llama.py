@@ -22,6 +22,15 @@ from rollserve.kernels.elementwise import FusedElementwise
 from rollserve.models.attention import AttentionBatch, paged_attention
 from rollserve.models.config import ModelConfig
 from rollserve.models.linear import FusedLinear, Linear, linear, pack
+from rollserve.models.parallel import (
+    SINGLE,
+    Shard,
+    TensorParallel,
+    head_rows,
+    head_shard,
+    split_evenly,
+    vocab_shard,
+)
 from rollserve.models.rope import RotaryEmbedding, apply_rotary
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin of every token's position
@@ -51,16 +60,21 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    """This rank's attention heads: q/k/v column parallel, o_proj row parallel."""
+
+    def __init__(self, config: ModelConfig, layer: int, tp: TensorParallel) -> None:
         super().__init__()
-        self.layer = layer
-        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
-        self.head_dim = config.head_dim
+        self.layer, self.tp = layer, tp
+        heads = head_shard(config, tp)
+        self.num_heads, self.num_kv_heads = heads.num_heads, heads.num_kv_heads
+        self.head_dim = hd = config.head_dim
         self.scale = config.head_dim**-0.5
-        self.qkv_proj = FusedLinear(config.hidden_size, {
-            "q_proj": config.q_size, "k_proj": config.kv_size, "v_proj": config.kv_size,
-        }, bias=config.attention_bias)
-        self.o_proj = Linear(config.q_size, config.hidden_size, bias=False)
+        q = head_rows(heads.first_head, heads.num_heads, config.num_heads, hd)
+        kv = head_rows(heads.first_kv_head, heads.num_kv_heads, config.num_kv_heads, hd)
+        self.qkv_proj = FusedLinear(config.hidden_size, {"q_proj": q, "k_proj": kv, "v_proj": kv},
+                                    bias=config.attention_bias)
+        self.o_proj = Linear(q.length, config.hidden_size, bias=False,
+                             shard=Shard(1, q.start, q.length, q.total))
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
@@ -81,31 +95,35 @@ class Attention(nn.Module):
         else:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         out = paged_attention(self.layer, q, k, v, batch, self.scale)
-        return self.o_proj(out.reshape(tokens, -1))
+        return self.tp.all_reduce(self.o_proj(out.reshape(tokens, -1)))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """This rank's intermediate features: gate/up column parallel, down_proj row parallel."""
+
+    def __init__(self, config: ModelConfig, tp: TensorParallel) -> None:
         super().__init__()
-        size = config.intermediate_size
-        self.gate_up_proj = FusedLinear(config.hidden_size, {"gate_proj": size, "up_proj": size},
+        self.tp = tp
+        rows = split_evenly(config.intermediate_size, tp)
+        self.gate_up_proj = FusedLinear(config.hidden_size, {"gate_proj": rows, "up_proj": rows},
                                         bias=False)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.down_proj = Linear(rows.length, config.hidden_size, bias=False,
+                                shard=split_evenly(config.intermediate_size, tp, dim=1))
         self.fused: FusedElementwise | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if self.fused is not None:
-            return self.down_proj(self.fused.silu_and_mul(gate_up))
+            return self.tp.all_reduce(self.down_proj(self.fused.silu_and_mul(gate_up)))
         gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate).mul_(up))
+        return self.tp.all_reduce(self.down_proj(F.silu(gate).mul_(up)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(self, config: ModelConfig, layer: int, tp: TensorParallel) -> None:
         super().__init__()
-        self.self_attn = Attention(config, layer)
-        self.mlp = MLP(config)
+        self.self_attn = Attention(config, layer, tp)
+        self.mlp = MLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -122,12 +140,32 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
+class VocabEmbedding(nn.Embedding):
+    """The token embedding, vocab parallel: this rank holds rows `shard` (padded to the same
+    count on every rank); a token outside them contributes zeros, and the ranks' lookups sum
+    to the embedding."""
+
+    def __init__(self, config: ModelConfig, tp: TensorParallel) -> None:
+        self.shard, per_rank = vocab_shard(config.vocab_size, tp)
+        super().__init__(per_rank, config.hidden_size)
+        self.tp = tp
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return super().forward(input_ids)
+        local = input_ids - self.shard.start
+        outside = (local < 0) | (local >= self.shard.length)
+        x = super().forward(local.masked_fill(outside, 0))
+        return self.tp.all_reduce(x.masked_fill_(outside[:, None], 0))
+
+
 class DecoderBody(nn.Module):
-    def __init__(self, config: ModelConfig, max_positions: int) -> None:
+    def __init__(self, config: ModelConfig, max_positions: int, tp: TensorParallel) -> None:
         super().__init__()
         self.rotary = RotaryEmbedding(config.rope, config.head_dim, max_positions)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.embed_tokens = VocabEmbedding(config, tp)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, tp)
+                                    for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
@@ -142,20 +180,28 @@ class DecoderBody(nn.Module):
 
 @dataclass(slots=True, frozen=True)
 class WeightSlot:
-    """Where a checkpoint tensor lives in the model: parameter `param`, whole (rows None) or
-    the row block `rows` of a fused parameter."""
+    """Where a checkpoint tensor lives in the model: in parameter `param`, whole (rows None)
+    or its row block `rows`, holding the tensor's part `source` (None: all of it, as without
+    tensor parallelism). `shape` is the checkpoint tensor's, whole."""
 
     param: str
+    shape: tuple[int, ...]
     rows: slice | None = None
+    source: Shard | None = None
 
 
 class CausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, max_positions: int) -> None:
+    """One rank's share of the model (all of it when `tp` is SINGLE): every rank runs the
+    same forward on the same batch, and the collectives inside make its outputs whole."""
+
+    def __init__(self, config: ModelConfig, max_positions: int,
+                 tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        self.config = config
-        self.model = DecoderBody(config, max_positions)
+        self.config, self.tp = config, tp
+        self.model = DecoderBody(config, max_positions, tp)
         if not config.tie_word_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+            shard, per_rank = vocab_shard(config.vocab_size, tp)
+            self.lm_head = Linear(config.hidden_size, per_rank, bias=False, shard=shard)
         self.packed_output_embedding: torch.Tensor | None = None
         self.amx: AmxLinear | None = None  # the tied lm_head's few-row matmuls
         self._linears = {f"{name}.weight": m for name, m in self.named_modules()
@@ -175,8 +221,9 @@ class CausalLM(nn.Module):
             module.amx = amx
 
     def checkpoint_weight(self, name: str) -> torch.Tensor:
-        """The current value of checkpoint tensor `name` (a view into the model: read it now;
-        a later update may replace the parameter it views)."""
+        """This rank's part of checkpoint tensor `name` (the whole tensor without tensor
+        parallelism), as a view into the model: read it now; a later update may replace the
+        parameter it views."""
         slot = self.slots[name]
         param = self.get_parameter(slot.param).data
         return param if slot.rows is None else param[slot.rows]
@@ -184,6 +231,11 @@ class CausalLM(nn.Module):
     def checkpoint_weights(self) -> dict[str, torch.Tensor]:
         """Every checkpoint tensor by Hugging Face name, as `checkpoint_weight` gives it."""
         return {name: self.checkpoint_weight(name) for name in self.slots}
+
+    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
+        """Copy this rank's part of the whole checkpoint tensor `name` into place."""
+        source = self.slots[name].source
+        self.checkpoint_weight(name).copy_(tensor if source is None else source.of(tensor))
 
     def prepacked_param(self, name: str) -> str | None:
         """The parameter whose prepacked form is derived from checkpoint tensor `name`, if any
@@ -199,11 +251,11 @@ class CausalLM(nn.Module):
         itself once copied). The prepacked form is dropped: those matmuls take the plain
         path, with bit-identical results, until `repack_weight`."""
         slot = self.slots[name]
-        param = self.get_parameter(slot.param)
         self._set_packed(slot.param, None)
-        if slot.rows is not None:
-            param.data[slot.rows].copy_(weight)
+        if slot.rows is not None or slot.source is not None:
+            self.load_weight(name, weight)
             return weight
+        param = self.get_parameter(slot.param)
         old, param.data = param.data, weight
         return old
 
@@ -230,25 +282,42 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in the model dtype for the given rows only (the lm_head is costly: pick rows
-        first). Consumers convert to float32 where they need it: greedy argmax does not."""
+        first), over the whole vocab on every rank. Consumers convert to float32 where they
+        need it: greedy argmax does not."""
         if not self.config.tie_word_embeddings:
-            return self.lm_head(hidden)
-        return linear(hidden, self.model.embed_tokens.weight, self.packed_output_embedding,
-                      amx=self.amx)
+            logits = self.lm_head(hidden)
+        else:
+            logits = linear(hidden, self.model.embed_tokens.weight,
+                            self.packed_output_embedding, amx=self.amx)
+        if self.tp.size == 1:
+            return logits
+        return self.tp.all_gather_columns(logits)[:, : self.config.vocab_size]
 
 
 def _checkpoint_slots(model: nn.Module) -> dict[str, WeightSlot]:
     """Every parameter under its own name, except fused ones: each of their parts under the
     part's name (rows 0..q_size of `layers.0.self_attn.qkv_proj.weight` are checkpoint
-    tensor `layers.0.self_attn.q_proj.weight`)."""
+    tensor `layers.0.self_attn.q_proj.weight`). Sharded modules record their part."""
     slots: dict[str, WeightSlot] = {}
-    for name, _ in model.named_parameters():
+    for name, param in model.named_parameters():
         owner, _, kind = name.rpartition(".")
         module = model.get_submodule(owner)
-        if not isinstance(module, FusedLinear):
-            slots[name] = WeightSlot(name)
-            continue
-        parent = owner.rpartition(".")[0]
-        for part, rows in module.part_rows().items():
-            slots[f"{parent}.{part}.{kind}"] = WeightSlot(name, rows)
+        if isinstance(module, FusedLinear):
+            parent = owner.rpartition(".")[0]
+            for part, rows in module.part_rows().items():
+                shard = module.parts[part]
+                shape = (shard.total, *param.shape[1:])
+                slots[f"{parent}.{part}.{kind}"] = WeightSlot(
+                    name, shape, rows, None if shard.whole else shard)
+        else:
+            slots[name] = _slot(name, tuple(param.shape), getattr(module, "shard", None))
     return slots
+
+
+def _slot(name: str, shape: tuple[int, ...], shard: Shard | None) -> WeightSlot:
+    """A parameter holding `shard` of its checkpoint tensor (rows beyond it are padding)."""
+    if shard is None or (shard.whole and shard.length == shape[shard.dim]):
+        return WeightSlot(name, shape)
+    whole = tuple(shard.total if d == shard.dim else size for d, size in enumerate(shape))
+    rows = slice(0, shard.length) if shard.dim == 0 else None
+    return WeightSlot(name, whole, rows, shard)

@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from rollserve.models.config import ModelConfig, load_model_config
 from rollserve.models.llama import CausalLM
+from rollserve.models.parallel import SINGLE, TensorParallel
 from rollserve.utils.dtypes import dtype_name
 
 logger = logging.getLogger(__name__)
@@ -64,12 +65,15 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_model(
-    model_path: str | Path, dtype: torch.dtype, device: torch.device, max_positions: int
+    model_path: str | Path, dtype: torch.dtype, device: torch.device, max_positions: int,
+    tp: TensorParallel = SINGLE,
 ) -> CausalLM:
+    """The checkpoint's model, or rank `tp.rank`'s share of it."""
     config = load_model_config(model_path)
     with torch.device("meta"):
-        model = CausalLM(config, max_positions)
+        model = CausalLM(config, max_positions, tp)
     model = model.to_empty(device=device).to(dtype=dtype)
+    model.model.embed_tokens.weight.data.zero_()  # a vocab shard's padding rows stay zero
     # The rope tables are computed, not loaded; they stay float32 for exact angles.
     model.model.rotary.build_tables(device)
     load_weights(model, iter_checkpoint_tensors(model_path))
@@ -78,23 +82,22 @@ def load_model(
 
 
 def load_weights(model: CausalLM, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
-    """Copy every checkpoint tensor into the model where it lives (model.slots); all must
-    match. The caller repacks afterwards (model.repack_weights())."""
-    params = model.checkpoint_weights()
-    missing = set(params)
+    """Copy every checkpoint tensor (this rank's part of it) into the model where it lives
+    (model.slots); all must match. The caller repacks afterwards (model.repack_weights())."""
+    missing = set(model.slots)
     for name, tensor in tensors:
-        if name not in params:
+        slot = model.slots.get(name)
+        if slot is None:
             if name == "lm_head.weight" and model.config.tie_word_embeddings:
                 continue  # some tied checkpoints still carry a copy of the embedding
             raise ValueError(f"checkpoint tensor {name!r} matches no weight of the model")
-        param = params[name]
-        if tuple(tensor.shape) != tuple(param.shape):
+        if tuple(tensor.shape) != slot.shape:
             raise ValueError(
                 f"shape mismatch for {name!r}: checkpoint {tuple(tensor.shape)}, "
-                f"model expects {tuple(param.shape)}"
+                f"model expects {slot.shape}"
             )
         with torch.no_grad():
-            param.copy_(tensor)
+            model.load_weight(name, tensor)
         missing.discard(name)
     if missing:
         raise ValueError(f"checkpoint lacks tensors: {', '.join(sorted(missing))}")

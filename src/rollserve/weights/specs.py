@@ -72,10 +72,8 @@ class ParameterTable:
     tie_word_embeddings: bool
 
     @classmethod
-    def of(cls, named_parameters: Iterable[tuple[str, torch.Tensor]],
-           tie_word_embeddings: bool) -> ParameterTable:
-        params = {name: TensorSpec(name, p.dtype, tuple(p.shape)) for name, p in named_parameters}
-        return cls(params, tie_word_embeddings)
+    def of(cls, specs: Iterable[TensorSpec], tie_word_embeddings: bool) -> ParameterTable:
+        return cls({spec.name: spec for spec in specs}, tie_word_embeddings)
 
     def target(self, name: str) -> TensorSpec | None:
         """The parameter a tensor named `name` updates (for a tied lm_head: the embedding)."""

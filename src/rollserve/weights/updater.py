@@ -43,8 +43,10 @@ class WeightUpdater:
     def __init__(self, model: CausalLM, device: torch.device) -> None:
         self.model = model
         self.device = device
-        self.table = ParameterTable.of(model.checkpoint_weights().items(),
-                                       model.config.tie_word_embeddings)
+        # Whole checkpoint shapes: a trainer sends whole tensors, whatever the engine's TP.
+        specs = (TensorSpec(name, model.get_parameter(slot.param).dtype, slot.shape)
+                 for name, slot in model.slots.items())
+        self.table = ParameterTable.of(specs, model.config.tie_word_embeddings)
         self.groups: dict[str, dist.ProcessGroup] = {}
         # New weights: in the parameter's dtype and device, owned (the model adopts them).
         self.staged: dict[str, torch.Tensor] = {}  # received with apply=False, not yet in

@@ -1,0 +1,100 @@
+"""Tensor parallelism at the model level: ranks in a real gloo group, each holding its share of
+every weight, compute the whole model's logits, before and after a weight update."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import free_port
+
+from rollserve.models.attention import AttentionBatch, ExtendSpan
+from rollserve.models.config import load_model_config
+from rollserve.models.llama import CausalLM
+from rollserve.models.loader import iter_checkpoint_tensors, load_model
+from rollserve.models.parallel import SINGLE, TensorParallel, head_shard
+
+PROMPT = [3, 17, 5, 42, 8, 11, 29, 2, 7, 19, 23, 4, 9]
+
+
+def _logits(model: CausalLM) -> torch.Tensor:
+    """One prompt's prefill through the model's own attention path and KV layout."""
+    tokens = len(PROMPT)
+    attn = model.model.layers[0].self_attn
+    cache = torch.zeros(model.config.num_layers, attn.num_kv_heads, 32, attn.head_dim)
+    slots = torch.arange(tokens)
+    batch = AttentionBatch(slots, slots, 0, None, None, None, [ExtendSpan(0, tokens, slots, None)],
+                           cache, cache.clone())
+    with torch.no_grad():
+        return model.compute_logits(model(torch.tensor(PROMPT), batch))
+
+
+def _updated(path: Path) -> list[tuple[str, torch.Tensor]]:
+    """A whole-tensor weight update as a trainer sends it: every tensor changed."""
+    return [(name, t.float() * 0.5 + 0.01) for name, t in iter_checkpoint_tensors(path)
+            if name != "lm_head.weight" or not load_model_config(path).tie_word_embeddings]
+
+
+def _rank(rank: int, size: int, port: int, path: Path, results: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=size)
+    try:
+        model = load_model(path, torch.float32, torch.device("cpu"), 64,
+                           TensorParallel(rank, size, dist.group.WORLD))
+        before = _logits(model)
+        for name, tensor in _updated(path):
+            model.install_weight(name, tensor)
+        results[rank] = (before, _logits(model))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_ranks(path: Path, size: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    results = mp.Manager().dict()
+    mp.spawn(_rank, args=(size, free_port(), path, results), nprocs=size, join=True)
+    return dict(results)
+
+
+@pytest.mark.parametrize("preset", ["llama", "qwen2", "qwen3", "mistral"])
+def test_two_ranks_compute_the_whole_models_logits_before_and_after_an_update(
+        preset, tiny_model_factory) -> None:
+    path = tiny_model_factory(preset)
+    whole = load_model(path, torch.float32, torch.device("cpu"), 64)
+    expected_before = _logits(whole)
+    for name, tensor in _updated(path):
+        whole.install_weight(name, tensor)
+    expected_after = _logits(whole)
+    results = _run_ranks(path, 2)
+    for rank in (0, 1):
+        before, after = results[rank]
+        torch.testing.assert_close(before, expected_before, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(after, expected_after, rtol=1e-5, atol=1e-5)
+
+
+def test_each_rank_holds_its_share_of_every_checkpoint_tensor(tiny_model_factory) -> None:
+    path = tiny_model_factory("mistral")  # one KV head: replicated on both ranks
+    tensors = dict(iter_checkpoint_tensors(path))
+    config = load_model_config(path)
+    with torch.device("meta"):
+        ranks = [CausalLM(config, 64, TensorParallel(r, 2)) for r in (0, 1)]
+    q, k, o = (f"model.layers.0.self_attn.{p}_proj.weight" for p in ("q", "k", "o"))
+    for rank, model in enumerate(ranks):
+        assert model.slots[q].source.of(tensors[q]).shape == (32, 64)  # 2 of 4 heads
+        assert torch.equal(model.slots[q].source.of(tensors[q]), tensors[q][32 * rank:][:32])
+        assert model.slots[k].source is None  # the one KV head, whole on every rank
+        assert model.slots[o].source.dim == 1 and model.slots[o].shape == (64, 64)
+    down = "model.layers.1.mlp.down_proj.weight"
+    assert [m.slots[down].source.start for m in ranks] == [0, 64]
+
+
+def test_a_tp_size_that_does_not_divide_the_heads_is_refused_by_name(tiny_model_factory) -> None:
+    config = load_model_config(tiny_model_factory("llama"))  # 4 heads, 2 KV heads
+    with pytest.raises(ValueError, match="tp_size=3 does not divide this model's 4 attention"):
+        head_shard(config, TensorParallel(0, 3))
+    with pytest.raises(ValueError, match="3 KV heads"):
+        head_shard(replace(config, num_heads=6, num_kv_heads=3), TensorParallel(0, 2))
+    assert head_shard(config, SINGLE).num_heads == 4
