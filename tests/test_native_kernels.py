@@ -192,7 +192,7 @@ def test_engine_tokens_and_logprobs_equal_with_and_without_native_kernels(
             str(path), dtype="float32", device="cpu", max_total_tokens=4096,
             disable_native_kernels=disabled,
         ) as engine:
-            assert (engine.scheduler.runner.decode_kernel is None) == disabled
+            assert (engine.scheduler.runner.forward.decode_kernel is None) == disabled
             assert (engine.scheduler.native_sampling is None) == disabled
             assert (engine.model.model.norm.fused is None) == disabled
             results[disabled] = engine.generate(
@@ -271,7 +271,7 @@ def test_without_a_compiler_the_engine_falls_back_and_says_so(
     assert "no C compiler ('no-such-compiler')" in caplog.text
     with Engine(str(tiny_model_factory("qwen2")), dtype="float32", device="cpu",
                 max_total_tokens=1024) as engine:
-        assert engine.scheduler.runner.decode_kernel is None
+        assert engine.scheduler.runner.forward.decode_kernel is None
         out = engine.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 4})
     assert len(out["output_ids"]) == 4
 

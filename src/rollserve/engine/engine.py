@@ -22,7 +22,7 @@ from rollserve.engine.cpu_memory import keep_freed_memory
 from rollserve.engine.detokenizer import IncrementalDetokenizer
 from rollserve.engine.kv_pool import KVPool, ReqToTokenTable, pool_size_from_memory
 from rollserve.engine.latency import Histogram
-from rollserve.engine.model_runner import ModelRunner
+from rollserve.engine.model_runner import ModelRunner, RankForward
 from rollserve.engine.output import TokenTexts, build_output
 from rollserve.engine.radix_cache import RadixCache
 from rollserve.engine.request import Req
@@ -104,7 +104,7 @@ class Engine(EngineAPI):
             amx = make_amx_linear(self.device, self.dtype)
         self.model.use_fused_elementwise(fused)
         self.model.use_amx_linear(amx)
-        runner = ModelRunner(self.model, self.pool, table, decode_attention)
+        runner = ModelRunner(RankForward(self.model, self.pool, decode_attention), table)
         self.weights = WeightUpdater(self.model, self.device)
         self.scheduler = Scheduler(
             SchedulerConfig(args.max_running_requests, args.chunked_prefill_size,

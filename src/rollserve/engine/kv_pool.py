@@ -20,13 +20,17 @@ PADDING_SLOT = 0
 
 class KVPool:
     def __init__(
-        self, config: ModelConfig, size: int, dtype: torch.dtype, device: torch.device
+        self, config: ModelConfig, size: int, dtype: torch.dtype, device: torch.device,
+        kv_heads: int | None = None,
     ) -> None:
+        """`kv_heads`: the KV heads this pool holds (a tensor-parallel rank's share); default
+        all of the model's."""
         if size < 1:
             raise ValueError(f"KV pool must hold at least one token, got {size}")
         # Head-major ([layers, kv_heads, slots, dim]) so a gather of slots yields one
         # contiguous [tokens, dim] matrix per head, ready for batched matmuls.
-        shape = (config.num_layers, config.num_kv_heads, size + 1, config.head_dim)
+        kv_heads = config.num_kv_heads if kv_heads is None else kv_heads
+        shape = (config.num_layers, kv_heads, size + 1, config.head_dim)
         # `empty`, not `zeros`: on CPU untouched pages cost no RAM until slots are used.
         self.k_cache = torch.empty(shape, dtype=dtype, device=device)
         self.v_cache = torch.empty(shape, dtype=dtype, device=device)

@@ -1,8 +1,11 @@
-"""Turns one scheduled step into tensors, runs the model, and returns the logits rows that
-the step needs (sampling rows and input-logprob rows only: the lm_head is costly)."""
+"""Turns one scheduled step into tensors (`ForwardInputs`), runs the model, and returns the
+logits rows that the step needs (sampling rows and input-logprob rows only: the lm_head is
+costly). With tensor parallelism the same inputs go to every rank (engine/tp.py), and each
+runs `RankForward` on its share of the model and of the KV pool."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,33 +51,105 @@ class ScheduledBatch:
 
 
 @dataclass(slots=True)
+class ExtendInput:
+    first_row: int  # of this sequence's tokens in the flattened batch
+    start: int  # its positions [start, end) are computed in this step
+    end: int
+    kv_slots: torch.Tensor  # [end] pool slots of positions 0..end-1
+
+
+@dataclass(slots=True)
+class ForwardInputs:
+    """One step's forward, as tensors and slot indices: the same on every TP rank (each
+    rank's KV pool has the same slots, holding its own KV heads)."""
+
+    input_ids: torch.Tensor  # [tokens]: decode tokens first, then each extend's
+    positions: torch.Tensor  # [tokens]
+    out_slots: torch.Tensor  # [tokens] pool slot receiving each token's K/V
+    decode_kv_slots: torch.Tensor | None  # [decodes, max_kv_len], padded with slot 0
+    decode_kv_lens: torch.Tensor | None  # [decodes]
+    extends: list[ExtendInput]
+    logit_rows: torch.Tensor  # rows of the hidden states whose logits the step needs
+
+    @property
+    def num_decode(self) -> int:
+        return 0 if self.decode_kv_lens is None else self.decode_kv_lens.numel()
+
+
+@dataclass(slots=True)
 class StepLogits:
     logits: torch.Tensor  # [rows, vocab] in the model dtype
     sample_reqs: list[Req]  # row i samples for sample_reqs[i]; rows [0, len) are these
     input_logprob_rows: list[tuple[ExtendChunk, range, int]]  # (chunk, positions, first row)
 
 
-class ModelRunner:
-    def __init__(
-        self, model: CausalLM, pool: KVPool, table: ReqToTokenTable,
-        decode_kernel: DecodeAttention | None = None,
-    ) -> None:
-        self.model, self.pool, self.table = model, pool, table
+class RankForward:
+    """The forward of one rank: its model (share), KV pool (share) and attention kernels."""
+
+    def __init__(self, model: CausalLM, pool: KVPool,
+                 decode_kernel: DecodeAttention | None = None) -> None:
+        self.model, self.pool = model, pool
         self.decode_kernel = decode_kernel
-        self.device = pool.device
-        self.extend_kernel = _extend_kernel_like(decode_kernel, self.device)
+        self.extend_kernel = _extend_kernel_like(decode_kernel, pool.device)
 
     @torch.inference_mode()
+    def __call__(self, inputs: ForwardInputs) -> torch.Tensor:
+        """Logits [logit rows, vocab] in the model dtype."""
+        with attention_backends():
+            hidden = self.model(inputs.input_ids, self._attention_batch(inputs))
+        return self.model.compute_logits(hidden[inputs.logit_rows])
+
+    def _attention_batch(self, inputs: ForwardInputs) -> AttentionBatch:
+        device, lens, padding = self.pool.device, inputs.decode_kv_lens, None
+        if lens is not None and self.decode_kernel is None:
+            span = torch.arange(inputs.decode_kv_slots.shape[1], device=device)
+            padding = (span[None, :] >= lens[:, None])[:, None, :]
+        spans = [ExtendSpan(e.first_row, e.first_row + e.end - e.start, e.kv_slots,
+                            _prefix_causal_mask(e.start, e.end, device))
+                 for e in inputs.extends]
+        return AttentionBatch(
+            inputs.positions, inputs.out_slots, inputs.num_decode, inputs.decode_kv_slots, lens,
+            padding, spans, self.pool.k_cache, self.pool.v_cache, self.decode_kernel,
+            self.extend_kernel,
+        )
+
+
+class ModelRunner:
+    """Rank 0's side of a step: inputs from the scheduled batch, sent to the other TP ranks
+    (`send`, when there are any) before this rank runs its own forward."""
+
+    def __init__(
+        self, forward: RankForward, table: ReqToTokenTable,
+        send: Callable[[ForwardInputs], None] | None = None,
+    ) -> None:
+        self.forward, self.table, self.send = forward, table, send
+        self.device = forward.pool.device
+
     def run(self, batch: ScheduledBatch, out_slots: torch.Tensor) -> StepLogits:
         """`out_slots` holds a fresh pool slot per token of the batch, in batch order."""
-        input_ids, positions = self._tokens(batch)
         self._record_slots(batch, out_slots)
-        attention = self._attention_batch(batch, positions, out_slots)
-        with attention_backends():
-            hidden = self.model(input_ids, attention)
         rows, sample_reqs, logprob_rows = self._logit_rows(batch)
-        logits = self.model.compute_logits(hidden[rows.to(self.device)])
-        return StepLogits(logits, sample_reqs, logprob_rows)
+        inputs = self._inputs(batch, out_slots, rows.to(self.device))
+        if self.send is not None:
+            self.send(inputs)
+        return StepLogits(self.forward(inputs), sample_reqs, logprob_rows)
+
+    def _inputs(self, batch: ScheduledBatch, out_slots: torch.Tensor,
+                logit_rows: torch.Tensor) -> ForwardInputs:
+        input_ids, positions = self._tokens(batch)
+        table, decode_slots, kv_lens = self.table.slots, None, None
+        if batch.decodes:
+            lens = [r.seq_len for r in batch.decodes]
+            kv_lens = torch.tensor(lens, device=self.device)
+            rows = torch.tensor([r.table_row for r in batch.decodes], device=self.device)
+            decode_slots = table[rows, : max(lens)]
+        extends, offset = [], len(batch.decodes)
+        for chunk in batch.extends:
+            extends.append(ExtendInput(offset, chunk.start, chunk.end,
+                                       table[chunk.req.table_row, : chunk.end]))
+            offset += chunk.size
+        return ForwardInputs(input_ids, positions, out_slots, decode_slots, kv_lens, extends,
+                             logit_rows)
 
     def _tokens(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor]:
         ids = [r.last_token for r in batch.decodes]
@@ -97,32 +172,6 @@ class ModelRunner:
             size = chunk.end - chunk.start
             table[chunk.req.table_row, chunk.start : chunk.end] = out_slots[offset : offset + size]
             offset += size
-
-    def _attention_batch(
-        self, batch: ScheduledBatch, positions: torch.Tensor, out_slots: torch.Tensor
-    ) -> AttentionBatch:
-        table = self.table.slots
-        decode_slots = kv_lens = padding = None
-        if batch.decodes:
-            lens = [r.seq_len for r in batch.decodes]
-            kv_lens = torch.tensor(lens, device=self.device)
-            rows = torch.tensor([r.table_row for r in batch.decodes], device=self.device)
-            decode_slots = table[rows, : max(lens)]
-            if self.decode_kernel is None:
-                span = torch.arange(max(lens), device=self.device)
-                padding = (span[None, :] >= kv_lens[:, None])[:, None, :]
-        spans, offset = [], len(batch.decodes)
-        for chunk in batch.extends:
-            size = chunk.end - chunk.start
-            spans.append(ExtendSpan(
-                offset, offset + size, table[chunk.req.table_row, : chunk.end],
-                _prefix_causal_mask(chunk.start, chunk.end, self.device),
-            ))
-            offset += size
-        return AttentionBatch(
-            positions, out_slots, len(batch.decodes), decode_slots, kv_lens, padding, spans,
-            self.pool.k_cache, self.pool.v_cache, self.decode_kernel, self.extend_kernel,
-        )
 
     def _logit_rows(
         self, batch: ScheduledBatch
