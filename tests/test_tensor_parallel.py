@@ -1,8 +1,10 @@
-"""Tensor parallelism at the model level: ranks in a real gloo group, each holding its share of
-every weight, compute the whole model's logits, before and after a weight update."""
+"""Tensor parallelism: ranks in a real gloo group, each holding its share of every weight,
+compute the whole model's logits (before and after a weight update), and an engine with
+tp_size=2 (ranks as child processes) generates what tp_size=1 does."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import free_port
 
+from rollserve import Engine
 from rollserve.models.attention import AttentionBatch, ExtendSpan
 from rollserve.models.config import load_model_config
 from rollserve.models.llama import CausalLM
@@ -98,3 +101,53 @@ def test_a_tp_size_that_does_not_divide_the_heads_is_refused_by_name(tiny_model_
     with pytest.raises(ValueError, match="3 KV heads"):
         head_shard(replace(config, num_heads=6, num_kv_heads=3), TensorParallel(0, 2))
     assert head_shard(config, SINGLE).num_heads == 4
+
+
+# ---- the engine ------------------------------------------------------------------------------
+
+def _prompts() -> list[list[int]]:
+    shared = [5, 9, 14, 3, 27, 8, 31, 2, 19, 6, 11, 40, 7, 13, 22, 4, 17, 29, 33, 12]
+    return [shared + [7 + i, 19, 33 + 2 * i][: 1 + i % 3] * (2 + i) for i in range(16)]
+
+
+def _generate(path: Path, tp_size: int) -> list[dict]:
+    params = {"temperature": 0.0, "max_new_tokens": 12, "ignore_eos": True}
+    with Engine(str(path), dtype="float32", device="cpu", max_total_tokens=4096,
+                tp_size=tp_size, chunked_prefill_size=24) as engine:
+        first = engine.generate(input_ids=_prompts()[0], sampling_params=params)
+        outputs = engine.generate(input_ids=_prompts(), sampling_params=params,
+                                  return_logprob=True)
+        assert engine.stats()["cached_tokens"] > 0  # the shared prefix came from the cache
+    assert outputs[0]["output_ids"] == first["output_ids"]
+    return outputs
+
+
+@pytest.mark.parametrize("preset", ["llama", "qwen2", "qwen3", "mistral"])
+def test_a_tp2_engine_generates_the_tp1_tokens_and_logprobs(preset, tiny_model_factory) -> None:
+    path = tiny_model_factory(preset)
+    whole, split = _generate(path, 1), _generate(path, 2)
+    for a, b in zip(whole, split, strict=True):
+        assert a["output_ids"] == b["output_ids"]
+        pairs = zip(a["meta_info"]["output_token_logprobs"],
+                    b["meta_info"]["output_token_logprobs"], strict=True)
+        assert max(abs(x[0] - y[0]) for x, y in pairs) < 1e-4
+
+
+def test_a_tp_size_without_a_core_per_rank_is_refused(tiny_model_factory, monkeypatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0})
+    with pytest.raises(ValueError, match="tp_size=2 needs a CPU core per rank"):
+        Engine(str(tiny_model_factory("qwen2")), device="cpu", max_total_tokens=256, tp_size=2)
+
+
+def test_a_rank_that_dies_stops_the_engine_with_the_reason(tiny_model_factory) -> None:
+    params = {"temperature": 0.0, "max_new_tokens": 4}
+    with Engine(str(tiny_model_factory("qwen2")), dtype="float32", device="cpu",
+                max_total_tokens=1024, tp_size=2) as engine:
+        rank = engine.tp_ranks._processes[0]
+        rank.kill()
+        rank.join()
+        out = engine.generate(input_ids=[1, 2, 3], sampling_params=params)
+        assert out["meta_info"]["finish_reason"]["type"] == "abort"
+        assert "tensor-parallel rank 1 exited" in out["meta_info"]["finish_reason"]["message"]
+        with pytest.raises(RuntimeError, match="the engine stopped: tensor-parallel rank 1"):
+            engine.generate(input_ids=[1, 2, 3], sampling_params=params)

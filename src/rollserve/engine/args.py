@@ -16,6 +16,9 @@ class EngineArgs:
     # a local checkpoint directory on construction.
     model_path: str = DEFAULT_MODEL
     tokenizer_path: str | None = None  # default: model_path
+    # Ranks per engine, one process each, the model and KV pool split across them (CPU: each
+    # rank on its share of this process's cores).
+    tp_size: int = 1
     dtype: str = "auto"  # auto (the checkpoint's), bfloat16, float16, float32
     device: str = "auto"  # auto (cuda when present), cpu, cuda
     mem_fraction_static: float | None = None  # default 0.85 on CUDA, 0.3 of free RAM on CPU
@@ -51,5 +54,7 @@ class EngineArgs:
             raise ValueError(f"max_total_tokens must be >= 2, got {self.max_total_tokens}")
         if self.context_length is not None and self.context_length < 2:
             raise ValueError(f"context_length must be >= 2, got {self.context_length}")
+        if self.tp_size < 1:
+            raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")

@@ -20,22 +20,23 @@ from rollserve.engine.api import EngineAPI, OnOutput, deliver
 from rollserve.engine.args import EngineArgs
 from rollserve.engine.cpu_memory import keep_freed_memory
 from rollserve.engine.detokenizer import IncrementalDetokenizer
-from rollserve.engine.kv_pool import KVPool, ReqToTokenTable, pool_size_from_memory
+from rollserve.engine.kv_pool import ReqToTokenTable, pool_size_from_memory
 from rollserve.engine.latency import Histogram
-from rollserve.engine.model_runner import ModelRunner, RankForward
+from rollserve.engine.model_runner import ModelRunner
 from rollserve.engine.output import TokenTexts, build_output
 from rollserve.engine.radix_cache import RadixCache
 from rollserve.engine.request import Req
 from rollserve.engine.scheduler import Scheduler, SchedulerConfig
+from rollserve.engine.tp import TPRanks, rank_forward
 from rollserve.engine.validation import GenerateInput, RequestLimits
 from rollserve.kernels.amx_linear import make_amx_linear
 from rollserve.kernels.build import why_not_native
-from rollserve.kernels.decode_attention import make_decode_attention
 from rollserve.kernels.elementwise import make_fused_elementwise
 from rollserve.kernels.sampling import make_native_sampling
 from rollserve.models.catalog import DEFAULT_MODEL, resolve_model
-from rollserve.models.config import load_model_config
+from rollserve.models.config import ModelConfig, load_model_config
 from rollserve.models.loader import load_model, resolve_device, resolve_dtype
+from rollserve.models.parallel import SINGLE
 from rollserve.utils.dtypes import dtype_name
 from rollserve.weights.ipc import deserialize_named_tensors
 from rollserve.weights.specs import parse_specs
@@ -49,10 +50,15 @@ PACKS_PER_STEP = 8  # prepacked forms made per step after an update while reques
 
 class Engine(EngineAPI):
     def __init__(self, model_path: str = DEFAULT_MODEL, **kwargs: Any) -> None:
-        """`kwargs`: EngineArgs fields, or `args=EngineArgs(...)`; and `after_pass`, called on
+        """`kwargs`: EngineArgs fields, or `args=EngineArgs(...)`; `on_fatal(reason)`, called if
+        the engine dies (a lost tensor-parallel rank); and `after_pass`, called on
         the engine thread after every pass of its loop (commands, then a step) and once when
         it stops, for a caller that ships each step's outputs together (`EngineProcess`)."""
         self._after_pass: Callable[[], None] = kwargs.pop("after_pass", None) or (lambda: None)
+        # Called on the engine thread when the engine dies (a tensor-parallel rank is lost),
+        # after the requests in flight got their abort and the last pass shipped them.
+        self._on_fatal: Callable[[str], None] = kwargs.pop("on_fatal", None) or (lambda _: None)
+        self._fatal: str | None = None  # why the engine died, if it did
         args = kwargs.pop("args", None) or EngineArgs(model_path=model_path, **kwargs)
         args.validate()
         self.args = args
@@ -81,12 +87,28 @@ class Engine(EngineAPI):
         self.model_config = config = load_model_config(args.model_path)
         self.dtype = resolve_dtype(args.dtype, config, self.device)
         self.context_len = args.context_length or config.max_position_embeddings
-        self.model = load_model(args.model_path, self.dtype, self.device, self.context_len)
+        self.tp_ranks = TPRanks(args, self.device) if args.tp_size > 1 else None
+        try:
+            self._build_share(args, config)
+        except BaseException:
+            if self.tp_ranks is not None:
+                self.tp_ranks.stop()
+            raise
+
+    def _build_share(self, args: EngineArgs, config: ModelConfig) -> None:
+        """This rank's model and KV pool, and (rank 0's alone) the scheduler."""
+        tp = SINGLE if self.tp_ranks is None else self.tp_ranks.tp
+        self.model = load_model(args.model_path, self.dtype, self.device, self.context_len, tp)
         fraction = args.mem_fraction_static or _default_fraction(self.device)
         pool_size = args.max_total_tokens or pool_size_from_memory(
             config, self.dtype, self.device, fraction
         )
-        self.pool = KVPool(config, pool_size, self.dtype, self.device)
+        if self.tp_ranks is not None:
+            self.tp_ranks.wait_loaded()
+            self.tp_ranks.start_pools(pool_size)
+        native = not args.disable_native_kernels
+        forward = rank_forward(self.model, config, tp, pool_size, native)
+        self.pool = forward.pool
         table = ReqToTokenTable(
             args.max_running_requests, min(self.context_len, pool_size) + 1, self.device
         )
@@ -94,29 +116,26 @@ class Engine(EngineAPI):
         self.limits = RequestLimits(config.vocab_size, self.context_len, pool_size)
         self.eos_ids = _eos_ids(Path(args.model_path), config.eos_token_id, self.tokenizer)
         generator = torch.Generator(device=self.device).manual_seed(args.random_seed)
-        decode_attention, fused, native_sampling, amx = None, None, None, None
-        if not args.disable_native_kernels:
-            native_sampling = make_native_sampling(self.device)
-            decode_attention = make_decode_attention(
-                self.device, self.dtype, config.head_dim, config.num_heads // config.num_kv_heads
-            )
-            fused = make_fused_elementwise(self.device, self.dtype)
-            amx = make_amx_linear(self.device, self.dtype)
+        fused = make_fused_elementwise(self.device, self.dtype) if native else None
+        amx = make_amx_linear(self.device, self.dtype) if native else None
+        native_sampling = make_native_sampling(self.device) if native else None
         self.model.use_fused_elementwise(fused)
         self.model.use_amx_linear(amx)
-        runner = ModelRunner(RankForward(self.model, self.pool, decode_attention), table)
+        send = None if self.tp_ranks is None else self.tp_ranks.send
+        runner = ModelRunner(forward, table, send)
         self.weights = WeightUpdater(self.model, self.device)
         self.scheduler = Scheduler(
             SchedulerConfig(args.max_running_requests, args.chunked_prefill_size,
                             args.schedule_policy, self.context_len),
             runner, self.pool, table, self.cache, self.eos_ids, generator, native_sampling,
         )
-        kernels = {"decode attention": decode_attention, "fused elementwise": fused,
+        kernels = {"decode attention": forward.decode_kernel,
+                   "prefill attention": forward.extend_kernel, "fused elementwise": fused,
                    "sampling": native_sampling, "AMX linear": amx}
         logger.info(
-            "loaded %s (%s) dtype=%s device=%s; KV pool: %d tokens; native CPU kernels: %s",
-            args.model_path, config.architecture, dtype_name(self.dtype),
-            self.device, pool_size, self._kernels_in_use(kernels),
+            "loaded %s (%s) dtype=%s device=%s tp_size=%d; KV pool: %d tokens; native CPU "
+            "kernels: %s", args.model_path, config.architecture, dtype_name(self.dtype),
+            self.device, tp.size, pool_size, self._kernels_in_use(kernels),
         )
 
     def _kernels_in_use(self, kernels: dict[str, Any]) -> str:
@@ -137,6 +156,9 @@ class Engine(EngineAPI):
 
     def submit(self, inputs: list[GenerateInput], on_output: OnOutput, stream: bool) -> None:
         # on_output runs on the engine thread
+        if self._stopped.is_set():
+            raise RuntimeError(f"the engine stopped: {self._fatal}" if self._fatal
+                               else "the engine is shut down")
         reqs = [self._make_req(i, item, on_output, stream) for i, item in enumerate(inputs)]
         for req, item in zip(reqs, inputs, strict=True):
             if item.leader_index is not None:
@@ -379,6 +401,10 @@ class Engine(EngineAPI):
             try:
                 self.scheduler.step()
             except Exception:
+                lost = self.tp_ranks.lost() if self.tp_ranks is not None else None
+                if lost is not None:  # the engine cannot step without it
+                    self._die(lost)
+                    break
                 # Fail the requests in flight, never the engine: later requests still run.
                 logger.exception("engine step failed; aborting the requests in flight")
                 self.scheduler.abort_all("internal error in the engine step (see server log)")
@@ -387,6 +413,16 @@ class Engine(EngineAPI):
         self._after_pass()
         for _, future in self._pending_installs:
             future.set_exception(RuntimeError("engine shut down before the update applied"))
+        if self.tp_ranks is not None:
+            self.tp_ranks.stop()
+        if self._fatal is not None:
+            self._on_fatal(self._fatal)
+
+    def _die(self, reason: str) -> None:
+        logger.error("%s: the engine stops", reason)
+        self._fatal = reason
+        self._stopped.set()
+        self.scheduler.abort_all(f"the engine stopped: {reason}")
 
     def _run_pending_installs(self) -> None:
         if not (self._pending_installs and self.scheduler.drained):

@@ -18,7 +18,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import sys
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -36,15 +35,17 @@ from rollserve.engine.latency import Histogram
 from rollserve.engine.messages import Output, RemoteError
 from rollserve.engine.output import lost_output
 from rollserve.engine.validation import GenerateInput
+from rollserve.utils.process import (
+    UNGUARDED_MAIN_EXIT,
+    exit_if_importing_main,
+    unguarded_main_message,
+)
 from rollserve.weights.ipc import serialize_named_tensors
 from rollserve.weights.updater import DEFAULT_GROUP
 
 logger = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-# The exit status of an engine process that was told to make an engine of its own while
-# importing the parent's script (see `_exit_if_importing_main`): the parent explains it.
-UNGUARDED_MAIN_EXIT = 79
 T = TypeVar("T")
 
 
@@ -65,7 +66,7 @@ class EngineProcess(EngineAPI):
 
     def __init__(self, args: EngineArgs, log_level: int = logging.INFO,
                  on_exit: Callable[[], None] | None = None) -> None:
-        _exit_if_importing_main()
+        exit_if_importing_main()
         args.validate()
         self.args = args
         context = multiprocessing.get_context("spawn")  # a forked torch is unsafe
@@ -104,7 +105,7 @@ class EngineProcess(EngineAPI):
         except EOFError:
             self._process.join()
             if self._process.exitcode == UNGUARDED_MAIN_EXIT:
-                raise RuntimeError(_unguarded_main_message()) from None
+                raise RuntimeError(unguarded_main_message("the EngineProcess")) from None
             raise RuntimeError(f"the engine process exited with code {self._process.exitcode} "
                                "while loading the model (its log is above)") from None
         if isinstance(message, msg.Failed):
@@ -305,26 +306,6 @@ AnyEngine = EngineAPI
 
 # ---- the child ----------------------------------------------------------------------------
 
-def _exit_if_importing_main() -> None:
-    """A "spawn" child imports the parent's script again before it runs `_serve`. A script
-    that makes its EngineProcess at top level, with no `if __name__ == "__main__":` guard,
-    makes one in the child too, and multiprocessing refuses that start with a traceback about
-    "bootstrapping" that names neither rollserve nor the fix. Such a child exits here, with a
-    status the parent turns into an error that does. `_inheriting` is what multiprocessing's
-    own check reads (`spawn._check_not_importing_main`): true only while a child re-imports
-    its parent's main module, so an EngineProcess made later in a child is not affected."""
-    if getattr(multiprocessing.current_process(), "_inheriting", False):
-        raise SystemExit(UNGUARDED_MAIN_EXIT)
-
-
-def _unguarded_main_message() -> str:
-    script = getattr(sys.modules["__main__"], "__file__", None) or "your script"
-    return (f"the engine process stopped at once: it imports {script} again (multiprocessing's "
-            "'spawn' start, which torch needs), and that made another EngineProcess there. "
-            'Put the code that makes the EngineProcess under `if __name__ == "__main__":`, '
-            "as multiprocessing requires of a script that starts processes")
-
-
 def _serve(args: EngineArgs, conn: Connection, log_level: int) -> None:
     """The child's main: build the engine, then follow the parent's messages until it says
     shutdown or goes away."""
@@ -348,7 +329,7 @@ def _serve(args: EngineArgs, conn: Connection, log_level: int) -> None:
 
     send_lock = threading.Lock()
     try:
-        engine = Engine(args=args, after_pass=ship_outputs)
+        engine = Engine(args=args, after_pass=ship_outputs, on_fatal=lambda _: os._exit(1))
     except BaseException as exc:
         _send(conn, send_lock, msg.Failed(RemoteError.capture(exc)))
         return

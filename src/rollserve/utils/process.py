@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import multiprocessing
 import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -142,3 +144,31 @@ def _tree(pid: int) -> list[psutil.Process]:
 def _signal_group(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, sig)  # the child leads its own session, so pgid == pid
+
+
+# The exit status of a child process that was told to start one of its own while importing
+# the parent's script (see `exit_if_importing_main`): the parent explains it.
+UNGUARDED_MAIN_EXIT = 79
+
+
+def exit_if_importing_main() -> None:
+    """A "spawn" child imports the parent's script again before it runs its target. A script
+    that starts an engine process at top level, with no `if __name__ == "__main__":` guard,
+    starts one in the child too, and multiprocessing refuses that start with a traceback
+    about "bootstrapping" that names neither rollserve nor the fix. Such a child exits here,
+    with a status the parent turns into an error that does. `_inheriting` is what
+    multiprocessing's own check reads (`spawn._check_not_importing_main`): true only while a
+    child re-imports its parent's main module, so a process started later in a child is not
+    affected."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise SystemExit(UNGUARDED_MAIN_EXIT)
+
+
+def unguarded_main_message(what: str) -> str:
+    """The error for a child that exited with UNGUARDED_MAIN_EXIT; `what` ("the
+    EngineProcess") is what the script makes at top level."""
+    script = getattr(sys.modules["__main__"], "__file__", None) or "your script"
+    return (f"the engine process stopped at once: it imports {script} again (multiprocessing's "
+            f"'spawn' start, which torch needs), and that made {what} again there. "
+            f'Put the code that makes {what} under `if __name__ == "__main__":`, '
+            "as multiprocessing requires of a script that starts processes")

@@ -1,0 +1,241 @@
+"""Tensor parallelism in the engine: ranks 1..tp_size-1 as child processes of rank 0.
+
+Rank 0 is the engine itself (scheduler, radix cache, sampling); every rank holds its share of
+the model and a KV pool of its own KV heads over the same slots. Each step rank 0 sends the
+step's `ForwardInputs` to every other rank over a pipe, and all ranks run the forward, whose
+collectives (a gloo group on CPU) make rank 0's logits whole.
+
+Lifecycle: rank 0 starts the ranks, each loads its share and says so over its pipe; any that
+fails or dies first fails the start with its reason. A rank exits when its pipe closes: no
+rank outlives rank 0. A rank that dies later breaks the next collective, which fails the
+engine's step (and so the engine).
+
+Pipes carry steps, not the group, because a rank waits between steps for as long as the
+engine is idle, longer than any collective's timeout should be.
+
+On CPU each rank gets its own cores: the cores this process may use, split evenly in rank
+order (tp_size=2 on 2 cores: one each).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import pickle
+from dataclasses import dataclass
+from datetime import timedelta
+from multiprocessing.connection import Connection
+
+import torch
+
+from rollserve.engine.args import EngineArgs
+from rollserve.engine.kv_pool import KVPool
+from rollserve.engine.messages import RemoteError
+from rollserve.engine.model_runner import ForwardInputs, RankForward
+from rollserve.kernels.decode_attention import make_decode_attention
+from rollserve.kernels.elementwise import make_fused_elementwise
+from rollserve.models.config import ModelConfig, load_model_config
+from rollserve.models.llama import CausalLM
+from rollserve.models.loader import load_model, resolve_dtype
+from rollserve.models.parallel import TensorParallel, check_divisible, head_shard
+from rollserve.utils.process import (
+    UNGUARDED_MAIN_EXIT,
+    exit_if_importing_main,
+    free_port,
+    unguarded_main_message,
+)
+from rollserve.weights.group import init_weights_group
+
+logger = logging.getLogger(__name__)
+
+START_TIMEOUT = timedelta(minutes=5)  # joining the group; loading is not bounded by it
+
+
+@dataclass(slots=True, frozen=True)
+class RankPlan:
+    """What every rank is told at start."""
+
+    args: EngineArgs
+    size: int
+    port: int  # rank 0 hosts the group's TCP store here
+    cores: tuple[tuple[int, ...], ...] | None  # per rank (CPU); None: leave threads as they are
+
+
+@dataclass(slots=True, frozen=True)
+class Joining:
+    """A rank started and joins the group now (sent to rank 0, which joins only then: a rank
+    that died first fails the start at once instead of at the group's timeout)."""
+
+
+@dataclass(slots=True, frozen=True)
+class Loaded:
+    """A rank loaded its share (sent to rank 0)."""
+
+
+@dataclass(slots=True, frozen=True)
+class PoolSize:
+    """Rank 0's KV pool size, which every rank's pool matches (sent to the ranks)."""
+
+    tokens: int
+
+
+def plan_cores(size: int, device: torch.device) -> tuple[tuple[int, ...], ...] | None:
+    """The cores of each rank on CPU: this process's cores split evenly, in order."""
+    if device.type != "cpu":
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < size:
+        raise ValueError(f"tp_size={size} needs a CPU core per rank, but this process may use "
+                         f"{len(cores)} ({', '.join(map(str, cores))})")
+    per_rank = len(cores) // size
+    return tuple(tuple(cores[r * per_rank:(r + 1) * per_rank]) for r in range(size))
+
+
+def use_cores(cores: tuple[int, ...]) -> None:
+    """Pin the calling thread (and the OpenMP team it starts later) to `cores`."""
+    os.sched_setaffinity(0, cores)
+    torch.set_num_threads(len(cores))
+
+
+class TPRanks:
+    """Rank 0's handle on ranks 1..size-1: started here, fed every step, stopped with it."""
+
+    def __init__(self, args: EngineArgs, device: torch.device) -> None:
+        config = load_model_config(args.model_path)
+        check_divisible(config, args.tp_size)
+        if device.type != "cpu":
+            raise ValueError("tp_size > 1 runs on CPU so far (gloo); use tp_size=1 on CUDA")
+        exit_if_importing_main()
+        self.plan = RankPlan(args, args.tp_size, free_port(), plan_cores(args.tp_size, device))
+        context = multiprocessing.get_context("spawn")  # a forked torch is unsafe
+        self._conns: list[Connection] = []
+        self._processes = []
+        for rank in range(1, self.plan.size):
+            conn, child = context.Pipe()
+            process = context.Process(target=_rank_main, args=(self.plan, rank, child),
+                                      name=f"rollserve-tp-rank-{rank}", daemon=True)
+            process.start()
+            child.close()  # the child's end lives in the child: its exit is our EOF
+            self._conns.append(conn)
+            self._processes.append(process)
+        if self.plan.cores is not None:
+            use_cores(self.plan.cores[0])
+        try:
+            self._hear_from_all()  # Joining
+            self.tp = TensorParallel(0, self.plan.size, _join(self.plan, 0))
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_loaded(self) -> None:
+        """Block until every rank has loaded its share; raises with the reason of one that
+        failed or died."""
+        self._hear_from_all()
+
+    def _hear_from_all(self) -> None:
+        for rank, conn in enumerate(self._conns, start=1):
+            message = self._receive(rank, conn)
+            if isinstance(message, RemoteError):
+                self.stop()
+                raise RuntimeError(f"tensor-parallel rank {rank} failed to start") \
+                    from message.reraisable()
+
+    def start_pools(self, tokens: int) -> None:
+        for conn in self._conns:
+            conn.send_bytes(pickle.dumps(PoolSize(tokens)))
+
+    def send(self, inputs: ForwardInputs) -> None:
+        """Every other rank runs `inputs` too; a rank that is gone fails the step."""
+        payload = pickle.dumps(inputs)
+        for rank, conn in enumerate(self._conns, start=1):
+            try:
+                conn.send_bytes(payload)
+            except OSError:
+                raise RuntimeError(f"tensor-parallel rank {rank} has exited "
+                                   f"(code {self._processes[rank - 1].exitcode})") from None
+
+    def lost(self) -> str | None:
+        """Why the group is broken (a rank has exited), or None while every rank runs."""
+        for rank, process in enumerate(self._processes, start=1):
+            if not process.is_alive():
+                return f"tensor-parallel rank {rank} exited with code {process.exitcode}"
+        return None
+
+    def stop(self) -> None:
+        """Close every pipe (each rank exits at its EOF) and wait for the ranks."""
+        for conn in self._conns:
+            conn.close()
+        for process in self._processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+    def _receive(self, rank: int, conn: Connection) -> object:
+        try:
+            return pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            process = self._processes[rank - 1]
+            process.join(timeout=5)
+            self.stop()
+            if process.exitcode == UNGUARDED_MAIN_EXIT:
+                raise RuntimeError(unguarded_main_message("the tp_size > 1 Engine")) from None
+            raise RuntimeError(f"tensor-parallel rank {rank} exited with code "
+                               f"{process.exitcode} while starting (its log is above)") from None
+
+
+def _join(plan: RankPlan, rank: int) -> torch.distributed.ProcessGroup:
+    return init_weights_group(master_address="127.0.0.1", master_port=plan.port, rank=rank,
+                              world_size=plan.size, group_name=f"tp-{plan.port}",
+                              timeout=START_TIMEOUT)
+
+
+def load_share(args: EngineArgs, tp: TensorParallel, device: torch.device
+               ) -> tuple[CausalLM, ModelConfig]:
+    """Rank `tp.rank`'s share of the model, with its fused elementwise kernels."""
+    config = load_model_config(args.model_path)
+    dtype = resolve_dtype(args.dtype, config, device)
+    context_len = args.context_length or config.max_position_embeddings
+    model = load_model(args.model_path, dtype, device, context_len, tp)
+    if not args.disable_native_kernels:
+        model.use_fused_elementwise(make_fused_elementwise(device, dtype))
+    return model, config
+
+
+def rank_forward(model: CausalLM, config: ModelConfig, tp: TensorParallel, tokens: int,
+                 native: bool) -> RankForward:
+    """The forward of one rank: its pool holds `tokens` slots of its own KV heads."""
+    heads = head_shard(config, tp)
+    param = next(model.parameters())
+    pool = KVPool(config, tokens, param.dtype, param.device, heads.num_kv_heads)
+    kernel = make_decode_attention(param.device, param.dtype, config.head_dim,
+                                   heads.num_heads // heads.num_kv_heads) if native else None
+    return RankForward(model, pool, kernel)
+
+
+def _rank_main(plan: RankPlan, rank: int, conn: Connection) -> None:
+    """A rank's process: join, load, then run every step rank 0 sends until its pipe
+    closes."""
+    logging.basicConfig(level=logging.INFO)
+    if plan.cores is not None:
+        use_cores(plan.cores[rank])
+    device = torch.device("cpu")
+    try:
+        conn.send_bytes(pickle.dumps(Joining()))
+        tp = TensorParallel(rank, plan.size, _join(plan, rank))
+        model, config = load_share(plan.args, tp, device)
+        conn.send_bytes(pickle.dumps(Loaded()))
+        tokens = pickle.loads(conn.recv_bytes()).tokens
+        forward = rank_forward(model, config, tp, tokens, not plan.args.disable_native_kernels)
+    except (EOFError, OSError):
+        return  # rank 0 is gone
+    except BaseException as exc:
+        conn.send_bytes(pickle.dumps(RemoteError.capture(exc)))
+        return
+    while True:
+        try:
+            inputs = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            return  # rank 0 stopped or died: never outlive it
+        forward(inputs)
