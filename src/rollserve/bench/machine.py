@@ -5,7 +5,7 @@ weight stream of a one-row step comes to it, and how much the matmul speed drift
 
 Run it next to a benchmark to read that benchmark's spread. The read bandwidth is a
 two-thread `torch.sum` over 1 GB (the peer); the weight stream is Qwen2.5-0.5B's linears and
-lm_head (988 MB, bench.linear's weights) at one row through the engine's matmul path. The
+lm_head (988 MB, bench.kernels' weights) at one row through the engine's matmul path. The
 drift probe repeats one bf16 prefill-sized matmul (oneDNN, AMX) and reports its speed in
 one-second windows: on a shared VM it moves by whole factors while the code stays the same.
 """
@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from rollserve.bench.cpu import cpu_line
-from rollserve.bench.linear import forward_seconds, model_weights
+from rollserve.bench.kernels import forward_linears, model_weights
 from rollserve.bench.offline import read_bandwidth
+from rollserve.bench.timing import Column, best_seconds, cpu_line, print_ratio, print_table, seconds
 from rollserve.kernels.amx_linear import make_amx_linear
 from rollserve.models.linear import linear, pack
 
@@ -42,11 +42,11 @@ def weight_stream(repeats: int = 5) -> tuple[float, int]:
     """Best-of seconds for one row through every linear, and the bytes they read."""
     weights = model_weights()
     amx = make_amx_linear(torch.device("cpu"), torch.bfloat16)
-    seconds = min(forward_seconds(weights, 1, amx) for _ in range(repeats))
-    return seconds, sum(w.numel() * w.element_size() for w, _ in weights)
+    best = best_seconds(forward_linears(weights, 1, amx), repeats, warmup=0)
+    return best, sum(w.numel() * w.element_size() for w, _ in weights)
 
 
-def matmul_drift(seconds: float) -> list[float]:
+def matmul_drift(duration: float) -> list[float]:
     """Median microseconds per row of the drift matmul in each one-second window."""
     rows, k, n = DRIFT_SHAPE
     weights = [(torch.randn(n, k) * 0.02).to(torch.bfloat16) for _ in range(4)]
@@ -54,18 +54,12 @@ def matmul_drift(seconds: float) -> list[float]:
     x = torch.randn(rows, k).to(torch.bfloat16)
     windows: list[float] = []
     start = time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    while time.perf_counter() - start < duration:
         window_start, samples = time.perf_counter(), []
         while time.perf_counter() - window_start < 1.0:
-            samples.append(_timed(lambda: [linear(x, w, p) for w, p in packed]))
+            samples.append(seconds(lambda: [linear(x, w, p) for w, p in packed]))
         windows.append(statistics.median(samples) / len(packed) / rows * 1e6)
     return windows
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,16 +74,17 @@ def main(argv: list[str] | None = None) -> None:
     windows = matmul_drift(args.seconds)
     stream = stream_bytes / stream_seconds
     print(cpu_line())
-    print(f"{'measure':<44}{'value':>12}")
-    print(f"{'read bandwidth, 1 thread (GB/s)':<44}{one / 1e9:>12.1f}")
-    print(f"{'read bandwidth, 2 threads (GB/s)':<44}{two / 1e9:>12.1f}")
-    print(f"{'one-row weight stream (ms)':<44}{stream_seconds * 1e3:>12.1f}")
-    print(f"{'one-row weight stream (GB/s)':<44}{stream / 1e9:>12.1f}")
-    print(f"{'drift matmul, fastest second (us/row)':<44}{min(windows):>12.2f}")
-    print(f"{'drift matmul, slowest second (us/row)':<44}{max(windows):>12.2f}")
+    print_table([Column("measure", 44, align="<"), Column("value", 12)], [
+        ("read bandwidth, 1 thread (GB/s)", f"{one / 1e9:.1f}"),
+        ("read bandwidth, 2 threads (GB/s)", f"{two / 1e9:.1f}"),
+        ("one-row weight stream (ms)", f"{stream_seconds * 1e3:.1f}"),
+        ("one-row weight stream (GB/s)", f"{stream / 1e9:.1f}"),
+        ("drift matmul, fastest second (us/row)", f"{min(windows):.2f}"),
+        ("drift matmul, slowest second (us/row)", f"{max(windows):.2f}"),
+    ])
     print("drift matmul per second (us/row): " + " ".join(f"{w:.1f}" for w in windows))
-    print(f"weight_stream_vs_read_bandwidth: {stream / two:.2f}")
-    print(f"matmul_drift_slowest_vs_fastest: {max(windows) / min(windows):.2f}")
+    print_ratio("weight_stream_vs_read_bandwidth", stream / two)
+    print_ratio("matmul_drift_slowest_vs_fastest", max(windows) / min(windows))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from rollserve import Engine
-from rollserve.bench.cpu import cpu_line
+from rollserve.bench.timing import Column, best_seconds, cpu_line, print_ratio, print_table
 from rollserve.bench.vllm_env import run_peer
 from rollserve.bench.vllm_peer import peak_rss
 from rollserve.engine.args import DEFAULT_CHUNKED_PREFILL_SIZE
@@ -35,6 +35,10 @@ from rollserve.models.config import load_model_config
 from rollserve.models.loader import resolve_dtype
 from rollserve.models.local_cache import ensure_tiny_model
 from rollserve.utils.dtypes import dtype_name
+
+RESULT_COLUMNS = [Column("run", 28, align="<"), Column("requests", 9),
+                  Column("out tokens", 12), Column("seconds", 10, ".1f"),
+                  Column("out tok/s", 11, ".1f"), Column("total tok/s", 13, ".1f")]
 
 
 @dataclass(slots=True, frozen=True)
@@ -160,34 +164,23 @@ def batch1_decode_rate(engine: Engine, vocab_size: int, new_tokens: int = 64) ->
 def read_bandwidth(data: torch.Tensor, repeats: int = 5) -> float:
     """Best-of bytes/s of summing `data`: the ceiling of a step that streams its weights.
     (A copy's bandwidth halved understated it 2x on a VM: its writes cost more than reads.)"""
-    data.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        _synchronize(data.device)
-        start = time.perf_counter()
+
+    def read() -> None:
         data.sum()
-        _synchronize(data.device)
-        best = min(best, time.perf_counter() - start)
-    return data.numel() * data.element_size() / best
+        if data.device.type == "cuda":  # kernels run asynchronously: wait for the sum
+            torch.cuda.synchronize(data.device)
 
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return data.numel() * data.element_size() / best_seconds(read, repeats)
 
 
 def weight_bytes(engine: Engine) -> int:
     return sum(p.numel() * p.element_size() for p in engine.model.parameters())
 
 
-def print_table(results: list[RunResult]) -> None:
-    header = (f"{'run':<28}{'requests':>9}{'out tokens':>12}{'seconds':>10}{'out tok/s':>11}"
-              f"{'total tok/s':>13}")
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        print(f"{r.name:<28}{r.requests:>9}{r.output_tokens:>12}{r.seconds:>10.1f}"
-              f"{r.output_throughput:>11.1f}{r.total_throughput:>13.1f}")
+def print_results(results: list[RunResult]) -> None:
+    print_table(RESULT_COLUMNS, [(r.name, r.requests, r.output_tokens, r.seconds,
+                                  r.output_throughput, r.total_throughput) for r in results],
+                rule=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -260,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
           f"prompt len {tuple(args.prompt_len)}, output len {tuple(args.output_len)}, "
           f"seed {args.seed}")
     print(cpu_line())
-    print_table(results)
+    print_results(results)
     print(f"largest running batch: {stats['max_running']}")
     print(f"engine steps: {steps['prefill_steps']} with prefill "
           f"{steps['prefill_step_seconds']:.1f} s, "
@@ -275,8 +268,8 @@ def main(argv: list[str] | None = None) -> None:
               + (f" (KV cache {kv_gib} GiB)" if kv_gib else ""))
     if len(results) > 1:
         peer = "vllm" if args.compare == "vllm" else "hf"
-        ratio = results[0].output_throughput / results[1].output_throughput
-        print(f"speedup_vs_{peer}: {ratio:.2f}")
+        print_ratio(f"speedup_vs_{peer}",
+                    results[0].output_throughput / results[1].output_throughput)
 
 
 if __name__ == "__main__":

@@ -29,20 +29,21 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
 
 from rollserve import Engine
-from rollserve.bench.cpu import cpu_line
 from rollserve.bench.offline import (
     RunResult,
     Workload,
     kv_tokens,
     make_workload,
-    print_table,
+    print_results,
     run_engine,
 )
+from rollserve.bench.timing import by_key, cpu_line, median_item, print_ratio, rounds
 from rollserve.bench.vllm_env import ensure_vllm_python, recommended_env
 from rollserve.engine.args import DEFAULT_CHUNKED_PREFILL_SIZE
 from rollserve.models.config import load_model_config
@@ -177,9 +178,7 @@ def _offline(model: Path, workload: Workload, args: argparse.Namespace, cap: int
                 chunked_prefill_size=args.chunked_prefill_size,
                 disable_radix_cache=True) as engine:
         engine.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 2})
-        result = run_engine(engine, workload)
-    return RunResult(name, result.requests, result.input_tokens, result.output_tokens,
-                     result.seconds)
+        return replace(run_engine(engine, workload), name=name)
 
 
 def workload_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -200,8 +199,8 @@ def workload_parser(prog: str, description: str) -> argparse.ArgumentParser:
 def online_workload(args: argparse.Namespace) -> tuple[Path, Workload]:
     """The model and bench.offline's workload for it, from workload_parser's options."""
     model = Path(args.model_path) if args.model_path else ensure_tiny_model(args.preset)
-    return model, make_workload(args.num_prompts, model_vocab_size(model), args.seed,
-                                (64, 512), (32, 256))
+    return model, make_workload(args.num_prompts, load_model_config(model).vocab_size,
+                                args.seed, (64, 512), (32, 256))
 
 
 def _dtype_name(model: Path, args: argparse.Namespace) -> str:
@@ -227,78 +226,77 @@ def main(argv: list[str] | None = None) -> None:
     if args.compare == "vllm":
         compare_vllm(model, workload, args)
         return
-    configurations: list[Callable[[], RunResult]] = [
-        lambda: _offline(model, workload, args, 256, "offline engine"),
-        lambda: _offline(model, workload, args, args.concurrency,
-                         f"offline, {args.concurrency} running"),
-        lambda: run_online(model, workload, args.concurrency, args, args.port),
-    ]
+    configurations: dict[str, Callable[[], RunResult]] = {
+        "offline": lambda: _offline(model, workload, args, 256, "offline engine"),
+        "capped": lambda: _offline(model, workload, args, args.concurrency,
+                                   f"offline, {args.concurrency} running"),
+        "http": lambda: run_online(model, workload, args.concurrency, args, args.port),
+    }
     if args.peer_src:
         peer_env = {"PYTHONPATH": os.pathsep.join(
             [str(args.peer_src.resolve()), *filter(None, [os.environ.get("PYTHONPATH")])])}
-        configurations.append(lambda: run_online(model, workload, args.concurrency, args,
-                                                 args.port, peer_env, "http, peer src"))
-    rounds = [_run_round(configurations, reverse=r % 2 == 1) for r in range(args.repeats)]
-    results = [_median(runs) for runs in zip(*rounds, strict=True)]
+        configurations["peer"] = lambda: run_online(model, workload, args.concurrency, args,
+                                                    args.port, peer_env, "http, peer src")
+    per_round = list(rounds(configurations, args.repeats, alternate=True))
+    results, totals = _medians(per_round), _total_seconds(per_round)
     if args.repeats > 1:
-        print("seconds per round:", [[round(r.seconds, 1) for r in rnd] for rnd in rounds])
+        _print_rounds(per_round)
         # The medians may come from different rounds; these pair each round with itself.
         print("online_vs_offline per round:",
-              [round(rnd[0].seconds / rnd[2].seconds, 2) for rnd in rounds])
-        totals = [sum(rnd[i].seconds for rnd in rounds) for i in range(len(configurations))]
-        print(f"online_vs_offline over all rounds (total seconds): {totals[0] / totals[2]:.2f}")
-        print("online_vs_offline_same_concurrency over all rounds (total seconds): "
-              f"{totals[1] / totals[2]:.2f}")
+              [round(rnd["offline"].seconds / rnd["http"].seconds, 2) for rnd in per_round])
+        print_ratio("online_vs_offline over all rounds (total seconds)",
+                    totals["offline"] / totals["http"])
+        print_ratio("online_vs_offline_same_concurrency over all rounds (total seconds)",
+                    totals["capped"] / totals["http"])
         if args.peer_src:
-            print(f"http_vs_peer_src over all rounds (total seconds): {totals[3] / totals[2]:.2f}")
+            print_ratio("http_vs_peer_src over all rounds (total seconds)",
+                        totals["peer"] / totals["http"])
     print(f"model: {model} ({_dtype_name(model, args)}, {args.device}); "
           f"{args.num_prompts} prompts")
     print(cpu_line())
-    print_table(results)
-    online = results[2].output_throughput
-    print(f"online_vs_offline: {online / results[0].output_throughput:.2f}")
-    print(f"online_vs_offline_same_concurrency: {online / results[1].output_throughput:.2f}")
+    print_results(list(results.values()))
+    online = results["http"].output_throughput
+    print_ratio("online_vs_offline", online / results["offline"].output_throughput)
+    print_ratio("online_vs_offline_same_concurrency",
+                online / results["capped"].output_throughput)
 
 
 def compare_vllm(model: Path, workload: Workload, args: argparse.Namespace,
                  kv_gib: int = 2) -> None:
     tokens = kv_tokens(model, args.dtype, args.device, kv_gib)
-    configurations: list[Callable[[], RunResult]] = [
-        lambda: run_online(model, workload, args.concurrency, args, args.port,
-                           name=f"rollserve http, {args.concurrency} streams",
-                           max_total_tokens=tokens, stream_one=_stream_completion),
-        lambda: run_vllm_server(model, workload, args, kv_gib),
-    ]
-    rounds = [_run_round(configurations, reverse=r % 2 == 1) for r in range(args.repeats)]
-    results = [_median(runs) for runs in zip(*rounds, strict=True)]
-    print("seconds per round:", [[round(r.seconds, 1) for r in rnd] for rnd in rounds])
+    configurations: dict[str, Callable[[], RunResult]] = {
+        "rollserve": lambda: run_online(model, workload, args.concurrency, args, args.port,
+                                        name=f"rollserve http, {args.concurrency} streams",
+                                        max_total_tokens=tokens, stream_one=_stream_completion),
+        "vllm": lambda: run_vllm_server(model, workload, args, kv_gib),
+    }
+    per_round = list(rounds(configurations, args.repeats, alternate=True))
+    results, totals = _medians(per_round), _total_seconds(per_round)
+    _print_rounds(per_round)
     print(f"model: {model} ({_dtype_name(model, args)}, {args.device}); "
           f"{args.num_prompts} prompts; KV cache {kv_gib} GiB each")
     print(cpu_line())
-    print_table(results)
-    totals = [sum(rnd[i].seconds for rnd in rounds) for i in range(2)]
-    print(f"speedup_vs_vllm over all rounds (total seconds): {totals[1] / totals[0]:.2f}")
-    print(f"speedup_vs_vllm: {results[0].output_throughput / results[1].output_throughput:.2f}")
+    print_results(list(results.values()))
+    print_ratio("speedup_vs_vllm over all rounds (total seconds)",
+                totals["vllm"] / totals["rollserve"])
+    print_ratio("speedup_vs_vllm",
+                results["rollserve"].output_throughput / results["vllm"].output_throughput)
 
 
-def _run_round(configurations: list[Callable[[], RunResult]], reverse: bool) -> list[RunResult]:
-    """One run of each configuration, returned in list order. Odd rounds run them in reverse
-    so that a drift of the VM's speed during a round does not always fall on the same one."""
-    order = list(range(len(configurations)))[::-1 if reverse else 1]
-    results = {i: configurations[i]() for i in order}
-    return [results[i] for i in range(len(configurations))]
+def _medians(per_round: list[dict[str, RunResult]]) -> dict[str, RunResult]:
+    """Each configuration's median run (by seconds)."""
+    return {key: median_item(runs, key=lambda r: r.seconds)
+            for key, runs in by_key(per_round).items()}
 
 
-def _median(runs: tuple[RunResult, ...]) -> RunResult:
-    ordered = sorted(runs, key=lambda r: r.seconds)
-    return ordered[len(ordered) // 2]
+def _total_seconds(per_round: list[dict[str, RunResult]]) -> dict[str, float]:
+    """Each configuration's seconds over all rounds: a ratio of these weighs every round
+    alike, where the VM's speed drifts between rounds."""
+    return {key: sum(r.seconds for r in runs) for key, runs in by_key(per_round).items()}
 
 
-def model_vocab_size(model: Path) -> int:
-    from rollserve.models.config import load_model_config
-
-    return load_model_config(model).vocab_size
-
+def _print_rounds(per_round: list[dict[str, RunResult]]) -> None:
+    print("seconds per round:", [[round(r.seconds, 1) for r in rnd.values()] for rnd in per_round])
 
 if __name__ == "__main__":
     main()

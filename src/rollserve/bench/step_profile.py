@@ -21,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from rollserve import Engine
 from rollserve.bench.offline import make_workload, run_engine
+from rollserve.bench.timing import cpu_line
 from rollserve.engine.scheduler import Scheduler
 from rollserve.models.local_cache import ensure_tiny_model
 
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
             engine._call(lambda: ops.__exit__(None, None, None))
     print(f"{args.num_prompts} prompts on {args.device}: {result.seconds:.2f} s, "
           f"{result.output_throughput:.0f} out tok/s (profiled)")
+    print(cpu_line())
     text = io.StringIO()
     pstats.Stats(python, stream=text).sort_stats("tottime").print_stats(args.rows)
     print(text.getvalue())

@@ -16,6 +16,7 @@ deleted and rebuilt instead.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -130,4 +131,6 @@ def _step(what: str, command: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(prog="python -m rollserve.bench.vllm_env",
+                            description=__doc__.split("\n\n")[0]).parse_args()
     print(ensure_vllm_python())

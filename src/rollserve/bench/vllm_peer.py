@@ -12,9 +12,9 @@ rollserve's run. vLLM spawns its engine core, hence the __main__ guard.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
-import sys
 import threading
 import time
 
@@ -72,4 +72,8 @@ def main(request_file: str, result_file: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    parser = argparse.ArgumentParser(prog="vllm_peer.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("request_file", help="JSON: the model, limits and workload")
+    parser.add_argument("result_file", help="where the JSON result goes")
+    args = parser.parse_args()
+    main(args.request_file, args.result_file)

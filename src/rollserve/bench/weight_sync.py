@@ -21,7 +21,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from rollserve.bench.online import wait_healthy
+from rollserve.bench.timing import cpu_line, rounds, seconds
 from rollserve.client import InferenceHTTPClient
 from rollserve.models.loader import iter_checkpoint_tensors
 from rollserve.models.local_cache import ensure_tiny_model
@@ -51,7 +51,8 @@ def _median(values: list[float]) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rollserve.bench.weight_sync",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="qwen2.5-0.5b")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--bucket-mb", type=int, default=512)
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     path = ensure_tiny_model(args.preset)
     tensors = [(n, t.to(torch.bfloat16).contiguous()) for n, t in iter_checkpoint_tensors(path)]
     nbytes = sum(t.numel() * t.element_size() for _, t in tensors)
+    print(cpu_line())
     print(f"{args.preset}: {len(tensors)} tensors, {nbytes / 1e9:.3f} GB bf16; "
           f"{NUM_ENGINES} engines; {args.repeats} timed rounds", flush=True)
     servers = [_start_server(path) for _ in range(NUM_ENGINES)]
@@ -76,9 +78,9 @@ def main(argv: list[str] | None = None) -> None:
 def _measure(tensors: list[tuple[str, torch.Tensor]], urls: list[str],
              args: argparse.Namespace) -> list[Row]:
     bucket_bytes = args.bucket_mb * 2**20
-    push = Row(f"WeightSync.push, {len(urls)} engines")
-    flat = Row(f"WeightSync.push flatten=True, {len(urls)} engines")
-    bare = Row(f"bare broadcast, 1 + {NUM_ENGINES} ranks")
+    rows = {"push": Row(f"WeightSync.push, {len(urls)} engines"),
+            "flat": Row(f"WeightSync.push flatten=True, {len(urls)} engines"),
+            "bare": Row(f"bare broadcast, 1 + {NUM_ENGINES} ranks")}
     shapes = [(tuple(t.shape), t.dtype) for _, t in tensors]
     port = free_port()
     context = mp.get_context("spawn")
@@ -92,21 +94,26 @@ def _measure(tensors: list[tuple[str, torch.Tensor]], urls: list[str],
         with WeightSync(urls, group_name="bench", bucket_bytes=bucket_bytes) as sync, \
                 WeightSync(urls, group_name="bench_flat", bucket_bytes=bucket_bytes,
                            flatten=True) as flat_sync:
-            for round_ in range(args.repeats + 1):
-                measured = (_time_push(sync, tensors, urls), _time_push(flat_sync, tensors, urls),
-                            (_time(_broadcast, tensors, group), None))
-                if round_ > 0:
-                    for row, (seconds, repacked) in zip((push, flat, bare), measured, strict=True):
-                        row.seconds.append(seconds)
-                        if repacked is not None:
-                            row.repacked.append(repacked)
-                print(f"round {round_}: " + ", ".join(f"{s:.3f}s" for s, _ in measured),
+            calls = {"push": lambda: _time_push(sync, tensors, urls),
+                     "flat": lambda: _time_push(flat_sync, tensors, urls),
+                     "bare": lambda: (seconds(lambda: _broadcast(tensors, group)), None)}
+            for index, measured in enumerate(rounds(calls, args.repeats, warmup=1), start=1):
+                _record(rows, measured)
+                print(f"round {index}: " + ", ".join(f"{s:.3f}s" for s, _ in measured.values()),
                       flush=True)
     finally:
         destroy_weights_group(group)
         for receiver in receivers:
             receiver.join(timeout=60)
-    return [push, flat, bare]
+    return list(rows.values())
+
+
+def _record(rows: dict[str, Row], measured: dict[str, tuple[float, float | None]]) -> None:
+    """One round's (seconds, repacked-after seconds or None) into each row."""
+    for key, (pushed, repacked) in measured.items():
+        rows[key].seconds.append(pushed)
+        if repacked is not None:
+            rows[key].repacked.append(repacked)
 
 
 def _broadcast(tensors: list[tuple[str, torch.Tensor]], group: dist.ProcessGroup) -> None:
@@ -138,12 +145,6 @@ def _time_push(sync: WeightSync, tensors: list[tuple[str, torch.Tensor]],
               for c in clients):
         time.sleep(0.005)
     return pushed, time.perf_counter() - start
-
-
-def _time(fn: Callable[..., object], *args: object, **kwargs: object) -> float:
-    start = time.perf_counter()
-    fn(*args, **kwargs)
-    return time.perf_counter() - start
 
 
 def _start_server(path: Path) -> tuple[str, subprocess.Popen]:

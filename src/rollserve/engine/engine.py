@@ -378,8 +378,8 @@ class Engine(EngineAPI):
         OpenMP keeps a team of workers per thread that ever ran a parallel region, and once
         the process has more team threads than cores, libgomp stops spinning between regions:
         every kernel then pays a sleep and wake-up, ~20-50 us, hundreds of times per step
-        (`python -m rollserve.bench.openmp_teams`). Loading on the caller's thread left its
-        team behind for the life of the process."""
+        (BENCHMARKS.md, "Decode steps with one OpenMP team vs two"). Loading on the caller's
+        thread left its team behind for the life of the process."""
         try:
             self._build_model()
         except BaseException as exc:

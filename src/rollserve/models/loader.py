@@ -32,8 +32,8 @@ def resolve_dtype(dtype: str, config: ModelConfig, device: torch.device) -> torc
 def auto_dtype(checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The checkpoint's dtype, except a 16-bit one on a CPU that only emulates it: there a
     forward's linears at 64 rows run 3.2x (bf16) and 6.5x (fp16) slower than in float32
-    (BENCHMARKS.md, bench.dtype_matmul), so the engine computes in float32, at twice the
-    memory. An explicit dtype is always honoured."""
+    (BENCHMARKS.md, "On a CPU without native bf16"), so the engine computes in float32, at
+    twice the memory. An explicit dtype is always honoured."""
     if device.type != "cpu" or cpu_computes_natively(checkpoint_dtype):
         return checkpoint_dtype
     name = dtype_name(checkpoint_dtype)
