@@ -5,6 +5,7 @@ tp_size=2 (ranks as child processes) generates what tp_size=1 does."""
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,11 +16,15 @@ import torch.multiprocessing as mp
 from conftest import free_port
 
 from rollserve import Engine
+from rollserve.engine.api import EngineAPI
+from rollserve.engine.args import EngineArgs
+from rollserve.engine.engine_process import EngineProcess
 from rollserve.models.attention import AttentionBatch, ExtendSpan
 from rollserve.models.config import load_model_config
 from rollserve.models.llama import CausalLM
 from rollserve.models.loader import iter_checkpoint_tensors, load_model
 from rollserve.models.parallel import SINGLE, TensorParallel, head_shard
+from rollserve.weights.group import destroy_weights_group, init_weights_group
 
 PROMPT = [3, 17, 5, 42, 8, 11, 29, 2, 7, 19, 23, 4, 9]
 
@@ -151,3 +156,70 @@ def test_a_rank_that_dies_stops_the_engine_with_the_reason(tiny_model_factory) -
         assert "tensor-parallel rank 1 exited" in out["meta_info"]["finish_reason"]["message"]
         with pytest.raises(RuntimeError, match="the engine stopped: tensor-parallel rank 1"):
             engine.generate(input_ids=[1, 2, 3], sampling_params=params)
+
+
+# ---- weight updates into a tp=2 engine -------------------------------------------------------
+
+def _same_outputs(a: EngineAPI, b: EngineAPI) -> None:
+    params = {"temperature": 0.0, "max_new_tokens": 10, "ignore_eos": True}
+    outs = [e.generate(input_ids=_prompts()[:6], sampling_params=params, return_logprob=True)
+            for e in (a, b)]
+    for x, y in zip(*outs, strict=True):
+        assert x["output_ids"] == y["output_ids"]
+        pairs = zip(x["meta_info"]["output_token_logprobs"],
+                    y["meta_info"]["output_token_logprobs"], strict=True)
+        assert max(abs(p[0] - q[0]) for p, q in pairs) < 1e-4
+
+
+def _broadcast(engines: dict[int, EngineAPI], tensors: list[tuple[str, torch.Tensor]]) -> None:
+    """A trainer (this thread, rank 0) pushes `tensors` into engines joined at the given rank
+    offsets: SGLang's protocol, world_size = 1 + the engines' TP ranks."""
+    world = 1 + sum(e.args.tp_size for e in engines.values())
+    port = free_port()
+    with ThreadPoolExecutor(len(engines)) as pool:
+        joins = [pool.submit(e.init_weights_update_group, "127.0.0.1", port, offset, world,
+                             "tp-test") for offset, e in engines.items()]
+        group = init_weights_group(master_address="127.0.0.1", master_port=port, rank=0,
+                                   world_size=world, group_name="tp-test")
+        for join in joins:
+            join.result()
+        names = [n for n, _ in tensors]
+        dtypes = ["float32"] * len(tensors)
+        shapes = [list(t.shape) for _, t in tensors]
+        updates = [pool.submit(e.update_weights_from_distributed, names, dtypes, shapes,
+                               "tp-test", weight_version="pushed") for e in engines.values()]
+        for _, tensor in tensors:
+            dist.broadcast(tensor.contiguous(), src=0, group=group)
+        for update in updates:
+            update.result()
+    destroy_weights_group(group)
+    for engine in engines.values():
+        engine.destroy_weights_update_group("tp-test")
+
+
+def test_weight_updates_reach_every_rank_of_a_tp2_engine(tiny_model_factory) -> None:
+    """Engines in processes of their own, as servers run them: each process holds one group
+    of a name, and the trainer (this process) another."""
+    path, other = tiny_model_factory("qwen2"), tiny_model_factory("qwen2", seed=1)
+    options = {"dtype": "float32", "device": "cpu", "max_total_tokens": 2048}
+    with EngineProcess(EngineArgs(str(path), **options)) as whole, \
+            EngineProcess(EngineArgs(str(path), tp_size=2, **options)) as split:
+        pushed = _updated(path)
+        for engine in (whole, split):
+            engine.update_weights_from_tensor(pushed)
+        _same_outputs(whole, split)
+        by_name = dict(pushed)
+        for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.o_proj.weight",
+                     "model.layers.0.self_attn.k_proj.bias", "model.layers.0.mlp.up_proj.weight"):
+            torch.testing.assert_close(torch.tensor(split.get_weights_by_name(name, 200)),
+                                       by_name[name][:200])
+        # One group for a tp=1 and a tp=2 engine: ranks 1 and 2-3.
+        trained = [(n, t * 0.9) for n, t in pushed]
+        _broadcast({1: whole, 2: split}, trained)
+        assert split.weight_version == "pushed"
+        _same_outputs(whole, split)
+        for engine in (whole, split):
+            engine.update_weights_from_disk(str(other))
+        _same_outputs(whole, split)
+        with Engine(str(other), tp_size=1, **options) as fresh:
+            _same_outputs(fresh, split)

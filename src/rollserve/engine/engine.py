@@ -27,7 +27,15 @@ from rollserve.engine.output import TokenTexts, build_output
 from rollserve.engine.radix_cache import RadixCache
 from rollserve.engine.request import Req
 from rollserve.engine.scheduler import Scheduler, SchedulerConfig
-from rollserve.engine.tp import TPRanks, rank_forward
+from rollserve.engine.tp import (
+    AddWeights,
+    InstallWeights,
+    JoinWeightsGroup,
+    LeaveWeightsGroup,
+    ReceiveWeights,
+    TPRanks,
+    rank_forward,
+)
 from rollserve.engine.validation import GenerateInput, RequestLimits
 from rollserve.kernels.amx_linear import make_amx_linear
 from rollserve.kernels.build import why_not_native
@@ -216,12 +224,17 @@ class Engine(EngineAPI):
         self, master_address: str, master_port: int, rank_offset: int, world_size: int,
         group_name: str = DEFAULT_GROUP, backend: str = "gloo",
     ) -> None:
+        # Every TP rank joins (rank_offset + its rank): check first, so none waits alone.
+        self.weights.check_join(rank_offset, world_size, group_name, backend, self.args.tp_size)
+        self._tell_ranks(JoinWeightsGroup(master_address, master_port, rank_offset, world_size,
+                                          group_name, backend))
         self.weights.init_group(master_address, master_port, rank_offset, world_size,
                                 group_name, backend)
 
     def destroy_weights_update_group(self, group_name: str = DEFAULT_GROUP) -> None:
         with self._update_lock:
             self.weights.destroy_group(group_name)
+            self._tell_ranks(LeaveWeightsGroup(group_name))
 
     def update_weights_from_distributed(
         self, names: list[str], dtypes: list[str], shapes: list[list[int]],
@@ -232,6 +245,7 @@ class Engine(EngineAPI):
         specs = parse_specs(names, dtypes, shapes)
         with self._update_lock:
             self.weights.check(specs, group_name, load_format)
+            self._tell_ranks(ReceiveWeights(specs, group_name, load_format))
             tensors = self.weights.receive(specs, group_name, load_format)
             return self._apply(tensors, True, apply, flush_cache, weight_version,
                                abort_all_requests)
@@ -244,6 +258,7 @@ class Engine(EngineAPI):
         tensors = list(named_tensors)
         with self._update_lock:
             self.weights.check_tensors(tensors)  # they belong to the sender: copied
+            self._tell_ranks(AddWeights(tensors))
             return self._apply(tensors, False, apply, flush_cache, weight_version,
                                abort_all_requests)
 
@@ -262,12 +277,25 @@ class Engine(EngineAPI):
         abort_all_requests: bool = False,
     ) -> str:
         with self._update_lock:
-            tensors = self.weights.read_checkpoint(resolve_model(model_path))
+            path = resolve_model(model_path)
+            tensors = self.weights.read_checkpoint(path)
             return self._apply(tensors, False, True, flush_cache, weight_version,
-                               abort_all_requests)
+                               abort_all_requests, path)
 
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
-        return self._call(lambda: self.weights.read(name, truncate_size))
+        return self._call(lambda: self.weights.read(name, truncate_size, self._whole))
+
+    def _whole(self, name: str, share: torch.Tensor) -> torch.Tensor:
+        """Checkpoint tensor `name` whole, from this rank's share and the other ranks'."""
+        source = self.model.slots[name].source
+        if self.tp_ranks is None or source is None:
+            return share
+        return self.tp_ranks.gather(name, share, source.dim)
+
+    def _tell_ranks(self, message: object) -> None:
+        """A weight-update step for the other TP ranks, in order with the engine's steps."""
+        if self.tp_ranks is not None:
+            self.tp_ranks.send(message)
 
     def pause_generation(self, mode: str = "abort") -> None:
         self._call(lambda: self.scheduler.pause(mode))
@@ -311,9 +339,11 @@ class Engine(EngineAPI):
         return req
 
     def _apply(self, weights: NamedTensors, owned: bool, apply: bool, flush_cache: bool,
-               weight_version: str | None, abort_all_requests: bool) -> str:
+               weight_version: str | None, abort_all_requests: bool,
+               checkpoint: str | None = None) -> str:
         """`owned`: nobody else holds `weights`, so those already in the model's dtype are
-        adopted without a copy."""
+        adopted without a copy. `checkpoint`: where `weights` were read from (the other TP
+        ranks read their shares there)."""
         weights = self._call(lambda: self.weights.prepare(weights, owned))
         if not apply:
             self.weights.stage(weights)
@@ -324,6 +354,7 @@ class Engine(EngineAPI):
 
         def install() -> None:
             self.weights.install(weights)
+            self._tell_ranks(InstallWeights(checkpoint))
             self.scheduler.weights_changed(weight_version)
             if flush_cache:
                 self.scheduler.flush_cache()

@@ -12,6 +12,7 @@ gets its finish (an abort) and every pending call raises.
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import itertools
 import logging
@@ -71,8 +72,12 @@ class EngineProcess(EngineAPI):
         self.args = args
         context = multiprocessing.get_context("spawn")  # a forked torch is unsafe
         self._conn, child_conn = context.Pipe()
+        # Not a daemon: a daemon may not start processes, and a tp_size > 1 engine starts its
+        # ranks. The child never outlives this process anyway: it stops at the pipe's EOF,
+        # and an interpreter exit shuts it down (the atexit hook below) before
+        # multiprocessing joins its children.
         self._process = context.Process(target=_serve, args=(args, child_conn, log_level),
-                                        name="rollserve-engine", daemon=True)
+                                        name="rollserve-engine")
         self._process.start()
         child_conn.close()  # the child's end lives in the child only: its exit is our EOF
         info = self._await_start()
@@ -98,6 +103,7 @@ class EngineProcess(EngineAPI):
         self._reader = threading.Thread(target=self._read, name="rollserve-engine-reader",
                                         daemon=True)
         self._reader.start()
+        atexit.register(self.shutdown)
 
     def _await_start(self) -> msg.Ready:
         try:
@@ -216,6 +222,7 @@ class EngineProcess(EngineAPI):
             if self._closing:
                 return
             self._closing = True
+        atexit.unregister(self.shutdown)
         self._send(msg.Shutdown(), required=False)
         self._reader.join(timeout=60)  # it ends once the child has exited and been reaped
         if self._reader.is_alive():

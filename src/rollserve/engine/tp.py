@@ -11,7 +11,11 @@ rank outlives rank 0. A rank that dies later breaks the next collective, which f
 engine's step (and so the engine).
 
 Pipes carry steps, not the group, because a rank waits between steps for as long as the
-engine is idle, longer than any collective's timeout should be.
+engine is idle, longer than any collective's timeout should be. They also carry weight
+updates, in order with the steps: each rank joins the trainer's weight-sync group itself (at
+the engine's rank_offset + its TP rank, SGLang's contract) and receives every whole tensor,
+keeping its share, and installs what it received when rank 0 does, between the same two
+steps.
 
 On CPU each rank gets its own cores: the cores this process may use, split evenly in rank
 order (tp_size=2 on 2 cores: one each).
@@ -23,6 +27,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import Connection
@@ -37,7 +42,7 @@ from rollserve.kernels.decode_attention import make_decode_attention
 from rollserve.kernels.elementwise import make_fused_elementwise
 from rollserve.models.config import ModelConfig, load_model_config
 from rollserve.models.llama import CausalLM
-from rollserve.models.loader import load_model, resolve_dtype
+from rollserve.models.loader import iter_checkpoint_tensors, load_model, resolve_dtype
 from rollserve.models.parallel import TensorParallel, check_divisible, head_shard
 from rollserve.utils.process import (
     UNGUARDED_MAIN_EXIT,
@@ -46,6 +51,8 @@ from rollserve.utils.process import (
     unguarded_main_message,
 )
 from rollserve.weights.group import init_weights_group
+from rollserve.weights.specs import TensorSpec
+from rollserve.weights.updater import NamedTensors, WeightUpdater
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +87,53 @@ class PoolSize:
     tokens: int
 
 
+@dataclass(slots=True, frozen=True)
+class JoinWeightsGroup:
+    """Join the trainer's group at `rank_offset` + this rank (rank_offset: the engine's)."""
+
+    master_address: str
+    master_port: int
+    rank_offset: int
+    world_size: int
+    group_name: str
+    backend: str
+
+
+@dataclass(slots=True, frozen=True)
+class LeaveWeightsGroup:
+    group_name: str  # what was received from it and not installed is dropped
+
+
+@dataclass(slots=True, frozen=True)
+class ReceiveWeights:
+    """Take part in the trainer's broadcast of `specs`; keep them until installed."""
+
+    specs: list[TensorSpec]
+    group_name: str
+    load_format: str | None
+
+
+@dataclass(slots=True, frozen=True)
+class AddWeights:
+    """Whole tensors from rank 0 (an in-memory update), kept until installed."""
+
+    tensors: NamedTensors
+
+
+@dataclass(slots=True, frozen=True)
+class InstallWeights:
+    """Install everything kept, then the checkpoint at `model_path` (if any) over it."""
+
+    model_path: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class ReadWeight:
+    """Send back this rank's share of checkpoint tensor `name`."""
+
+    name: str
+
+
 def plan_cores(size: int, device: torch.device) -> tuple[tuple[int, ...], ...] | None:
     """The cores of each rank on CPU: this process's cores split evenly, in order."""
     if device.type != "cpu":
@@ -109,6 +163,7 @@ class TPRanks:
         exit_if_importing_main()
         self.plan = RankPlan(args, args.tp_size, free_port(), plan_cores(args.tp_size, device))
         context = multiprocessing.get_context("spawn")  # a forked torch is unsafe
+        self._send_lock = threading.Lock()  # steps (engine thread) and updates (callers)
         self._conns: list[Connection] = []
         self._processes = []
         for rank in range(1, self.plan.size):
@@ -145,15 +200,25 @@ class TPRanks:
         for conn in self._conns:
             conn.send_bytes(pickle.dumps(PoolSize(tokens)))
 
-    def send(self, inputs: ForwardInputs) -> None:
-        """Every other rank runs `inputs` too; a rank that is gone fails the step."""
-        payload = pickle.dumps(inputs)
-        for rank, conn in enumerate(self._conns, start=1):
-            try:
-                conn.send_bytes(payload)
-            except OSError:
-                raise RuntimeError(f"tensor-parallel rank {rank} has exited "
-                                   f"(code {self._processes[rank - 1].exitcode})") from None
+    def send(self, message: object) -> None:
+        """To every other rank, in order with everything sent before: a step's
+        ForwardInputs (each rank runs it too) or a weight-update message. A rank that is gone
+        fails the call."""
+        payload = pickle.dumps(message)
+        with self._send_lock:
+            for rank, conn in enumerate(self._conns, start=1):
+                try:
+                    conn.send_bytes(payload)
+                except OSError:
+                    raise RuntimeError(f"tensor-parallel rank {rank} has exited "
+                                       f"(code {self._processes[rank - 1].exitcode})") from None
+
+    def gather(self, name: str, share: torch.Tensor, dim: int) -> torch.Tensor:
+        """Checkpoint tensor `name` whole: rank 0's `share` and every other rank's, joined
+        along `dim`. Engine thread only (the ranks answer in order)."""
+        self.send(ReadWeight(name))
+        shares = [share] + [pickle.loads(conn.recv_bytes()) for conn in self._conns]
+        return torch.cat(shares, dim=dim)
 
     def lost(self) -> str | None:
         """Why the group is broken (a rank has exited), or None while every rank runs."""
@@ -203,6 +268,35 @@ def load_share(args: EngineArgs, tp: TensorParallel, device: torch.device
     return model, config
 
 
+def _serve_rank(conn: Connection, forward: RankForward, updater: WeightUpdater,
+                tp: TensorParallel) -> None:
+    """Run what rank 0 sends, in order, until the pipe closes."""
+    model = forward.model
+    while True:
+        try:
+            message = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            return  # rank 0 stopped or died: never outlive it
+        match message:
+            case ForwardInputs():
+                forward(message)
+            case JoinWeightsGroup(address, port, offset, world, group, backend):
+                updater.init_group(address, port, offset + tp.rank, world, group, backend)
+            case LeaveWeightsGroup(group):
+                updater.destroy_group(group)
+            case ReceiveWeights(specs, group, load_format):
+                updater.stage(updater.receive(specs, group, load_format))
+            case AddWeights(tensors):
+                updater.stage(tensors)
+            case InstallWeights(model_path):
+                if model_path is not None:
+                    updater.stage(list(iter_checkpoint_tensors(model_path)))
+                updater.install(updater.prepare(updater.take_staged([]), owned=True))
+                updater.pack_some(None)
+            case ReadWeight(name):
+                conn.send_bytes(pickle.dumps(model.checkpoint_weight(name).clone()))
+
+
 def rank_forward(model: CausalLM, config: ModelConfig, tp: TensorParallel, tokens: int,
                  native: bool) -> RankForward:
     """The forward of one rank: its pool holds `tokens` slots of its own KV heads."""
@@ -233,9 +327,4 @@ def _rank_main(plan: RankPlan, rank: int, conn: Connection) -> None:
     except BaseException as exc:
         conn.send_bytes(pickle.dumps(RemoteError.capture(exc)))
         return
-    while True:
-        try:
-            inputs = pickle.loads(conn.recv_bytes())
-        except (EOFError, OSError):
-            return  # rank 0 stopped or died: never outlive it
-        forward(inputs)
+    _serve_rank(conn, forward, WeightUpdater(model, device), tp)

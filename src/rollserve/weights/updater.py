@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -57,21 +58,29 @@ class WeightUpdater:
 
     def init_group(self, master_address: str, master_port: int, rank_offset: int,
                    world_size: int, group_name: str, backend: str) -> None:
-        """Join as rank `rank_offset + tp_rank` (tp_rank is 0: one rank per engine);
-        blocks until every rank has joined."""
+        """Join as rank `rank_offset` (a TP rank passes the engine's offset plus its own
+        rank); blocks until every rank has joined."""
+        self.check_join(rank_offset, world_size, group_name, backend)
+        self.groups[group_name] = init_weights_group(
+            master_address=master_address, master_port=master_port, rank=rank_offset,
+            world_size=world_size, group_name=group_name, backend=backend,
+        )
+
+    def check_join(self, rank_offset: int, world_size: int, group_name: str, backend: str,
+                   ranks: int = 1) -> None:
+        """Everything that can refuse a join of `ranks` consecutive ranks from
+        `rank_offset`, checked before any of them joins."""
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if backend == "nccl" and self.device.type != "cuda":
             raise ValueError("backend 'nccl' needs an engine on CUDA; use 'gloo' on CPU")
         if group_name in self.groups:
             raise ValueError(f"weights update group {group_name!r} already exists")
-        if not 0 < rank_offset < world_size:
-            raise ValueError(f"rank_offset must be in 1..world_size-1 (rank 0 is the trainer "
-                             f"that broadcasts), got {rank_offset} of {world_size}")
-        self.groups[group_name] = init_weights_group(
-            master_address=master_address, master_port=master_port, rank=rank_offset,
-            world_size=world_size, group_name=group_name, backend=backend,
-        )
+        if not 0 < rank_offset <= world_size - ranks:
+            what = "rank_offset" if ranks == 1 else f"rank_offset (this engine's {ranks} TP ranks"\
+                f" take rank_offset..rank_offset+{ranks - 1})"
+            raise ValueError(f"{what} must leave rank 0 to the trainer and fit in world_size: "
+                             f"got {rank_offset} of {world_size}")
 
     def destroy_group(self, group_name: str) -> None:
         """Leave the group; tensors staged from it and not yet applied are dropped."""
@@ -186,12 +195,17 @@ class WeightUpdater:
             del self.unpacked[param]
             self.model.repack_weight(param)
 
-    def read(self, name: str, truncate_size: int) -> list:
-        """The parameter's first `truncate_size` rows as nested lists (SGLang's answer)."""
+    def read(self, name: str, truncate_size: int,
+             whole: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> list:
+        """The weight's first `truncate_size` rows as nested lists (SGLang's answer).
+        `whole(name, share)` makes a tensor-parallel rank's share whole."""
         target = self.table.target(name)
         if target is None:
             raise ValueError(f"{name!r} is not a parameter of this model")
-        return self.model.checkpoint_weight(target.name)[:truncate_size].float().cpu().tolist()
+        weight = self.model.checkpoint_weight(target.name)
+        if whole is not None:
+            weight = whole(target.name, weight)
+        return weight[:truncate_size].float().cpu().tolist()
 
 
 def _split_flat(flat: torch.Tensor, specs: list[TensorSpec]) -> NamedTensors:
