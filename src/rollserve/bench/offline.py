@@ -198,6 +198,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-running-requests", type=int, default=256)
     parser.add_argument("--chunked-prefill-size", type=int, default=DEFAULT_CHUNKED_PREFILL_SIZE)
     parser.add_argument("--disable-native-kernels", action="store_true")
+    parser.add_argument("--tp-size", type=int, default=1,
+                        help="tensor-parallel ranks (CPU: each on its share of the cores)")
     parser.add_argument("--compare", choices=["hf", "vllm", "none"], default="none")
     parser.add_argument("--kv-cache-gib", type=int, default=None,
                         help="KV-cache size of each engine (default: room for the workload; "
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         max_total_tokens=args.max_total_tokens or kv_size or args.num_prompts * 800,
         max_running_requests=args.max_running_requests,
         chunked_prefill_size=args.chunked_prefill_size, disable_radix_cache=True,
-        disable_native_kernels=args.disable_native_kernels,
+        disable_native_kernels=args.disable_native_kernels, tp_size=args.tp_size,
     )
     vocab = engine.model_config.vocab_size
     workload = make_workload(args.num_prompts, vocab, args.seed, tuple(args.prompt_len),
@@ -251,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model: {path} ({dtype_name(dtype)}, {device}); "
           f"{args.num_prompts} prompts, "
           f"prompt len {tuple(args.prompt_len)}, output len {tuple(args.output_len)}, "
-          f"seed {args.seed}")
+          f"seed {args.seed}, tp_size {args.tp_size}")
     print(cpu_line())
     print_results(results)
     print(f"largest running batch: {stats['max_running']}")

@@ -54,9 +54,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rows", type=int, default=25, help="lines per table")
+    parser.add_argument("--tp-size", type=int, default=1,
+                        help="tensor-parallel ranks: rank 0's operators are profiled, its "
+                             "all-reduces (c10d) among them")
     args = parser.parse_args(argv)
     model = ensure_tiny_model(args.preset)
-    with Engine(str(model), dtype=args.dtype, device=args.device,
+    with Engine(str(model), dtype=args.dtype, device=args.device, tp_size=args.tp_size,
                 max_total_tokens=args.num_prompts * 800, disable_radix_cache=True) as engine:
         vocab = engine.model_config.vocab_size
         run_engine(engine, make_workload(8, vocab, 1, (64, 512), (8, 8)))  # warm-up
