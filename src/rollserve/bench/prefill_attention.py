@@ -12,28 +12,17 @@ kernel's path (paged_attention with it: K/V written to the pool and read there i
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from rollserve.bench.timing import cpu_line, median_seconds
 from rollserve.kernels.prefill_attention import PrefillAttention, make_prefill_attention
 from rollserve.models.attention import AttentionBatch, ExtendSpan, paged_attention
 
 HEADS, KV_HEADS, HEAD_DIM = 14, 2, 64
 SCALE = HEAD_DIM**-0.5
-
-
-def median_seconds(run: Callable[[], object], repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def measure(q_len: int, prefix: int, kernel: PrefillAttention, repeats: int) -> None:
@@ -78,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     if kernel is None:
         raise SystemExit("the prefill-attention kernel does not apply on this machine")
+    print(cpu_line())
     print(f"{torch.get_num_threads()} threads, {HEADS}/{KV_HEADS} heads, head_dim {HEAD_DIM},"
           f" bf16, causal after {args.prefix} cached tokens")
     print(f"{'q_len':>6}{'sdpa ms':>9}{'path ms':>9}{'kernel ms':>11}{'GFLOP/s':>9}"
