@@ -115,6 +115,13 @@ def test_args_block_fills_runtime_keys_and_refuses_to_have_them_preset() -> None
         FleetArgs(model_path="/m", server={"port": 1})
 
 
+def test_pipeline_parallelism_is_refused_by_name() -> None:
+    from rollserve.cluster.args import FleetArgs
+
+    with pytest.raises(ValueError, match="pipeline_parallel_size=2: rollserve engines do not"):
+        FleetArgs(model_path="/m", pipeline_parallel_size=2)
+
+
 def test_sglang_engines_need_sglang_installed() -> None:
     import importlib.util
 

@@ -48,6 +48,10 @@ class FleetArgs:
             raise ValueError(f"server.{preset[0]} is filled in by the launcher at run time; "
                              "leave it out of the config")
         self.server.setdefault("tp_size", self.tensor_parallel_size)
+        if self.server_type == "rollserve" and self.pipeline_parallel_size != 1:
+            raise ValueError(f"pipeline_parallel_size={self.pipeline_parallel_size}: rollserve "
+                             "engines do not run pipeline parallelism; use 1 (and "
+                             "tensor_parallel_size for more ranks per engine)")
         if self.server_type == "rollserve":
             _check_rollserve_server(self.server)  # a first use converts the model, here once
         else:
