@@ -76,6 +76,7 @@ def test_generate_stream_is_cumulative_sse_ending_with_done(llama_server) -> Non
 
 @pytest.mark.parametrize(("body", "fragment"), [
     (b"{not json", "malformed JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
     ({"text": "a", "input_ids": [1]}, "exactly one"),
     ({"sampling_params": {}}, "exactly one"),
     ({"text": ["a", 3]}, "text"),
@@ -413,7 +414,7 @@ def test_unexpected_handler_error_answers_json_500_and_the_app_keeps_serving() -
     from fastapi import FastAPI
     from starlette.testclient import TestClient
 
-    from rollserve.server.app import GuardMiddleware
+    from rollserve.server.guard import GuardMiddleware
 
     app = FastAPI()
     app.add_middleware(GuardMiddleware, api_key=None, max_request_bytes=1024)

@@ -68,9 +68,30 @@ def test_server_args_check_chat_template_and_preferred_sampling_params(tmp_path,
         ServerArgs(model_path="m", preferred_sampling_params='{"top_p": 3}')
 
 
+def test_server_args_are_the_engine_args_plus_the_servers_own(llama_path) -> None:
+    import dataclasses
+
+    from rollserve import EngineArgs
+    from rollserve.server.args import build_parser
+
+    engine_fields = [f.name for f in dataclasses.fields(EngineArgs)]
+    server_fields = [f.name for f in dataclasses.fields(ServerArgs)]
+    assert server_fields[:len(engine_fields)] == engine_fields
+    args = ServerArgs.from_cli(["--model-path", str(llama_path), "--max-total-tokens", "512",
+                                "--dtype", "float32", "--api-key", "k", "--port", "1234"])
+    assert args.engine_args() == EngineArgs(model_path=str(llama_path), max_total_tokens=512,
+                                            dtype="float32")
+    assert type(args.engine_args()) is EngineArgs  # no server settings reach the engine
+    defaults = build_parser().parse_args([])
+    for field in dataclasses.fields(ServerArgs):
+        assert getattr(defaults, field.name) == field.default
+    with pytest.raises(ValueError, match="schedule_policy"):  # EngineArgs' own validation
+        ServerArgs(model_path=str(llama_path), schedule_policy="random")
+
+
 def test_failure_after_a_stream_began_ends_it_with_an_error_event(engine, llama_path,
                                                                   monkeypatch) -> None:
-    from rollserve.server import openai_api
+    from rollserve.server import openai_protocol
 
     args = ServerArgs(model_path=str(llama_path), device="cpu", dtype="float32")
     app, _ = _server_for(engine, args)
@@ -79,7 +100,7 @@ def test_failure_after_a_stream_began_ends_it_with_an_error_event(engine, llama_
         raise RuntimeError("framing bug")
 
     # A bug in framing the last chunk: the role and content chunks have gone out by then.
-    monkeypatch.setattr(openai_api, "finish_reason", broken)
+    monkeypatch.setattr(openai_protocol, "finish_reason", broken)
     with TestClient(app) as client:
         with client.stream("POST", "/v1/chat/completions", json={
                 "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rollserve import Engine, SamplingParams
+from rollserve.engine.sampling_params import to_sglang_names
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,25 @@ def engine(llama_path):
 def test_bad_sampling_params_name_the_parameter(params: dict, fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment):
         SamplingParams.from_dict(params)
+
+
+def test_openai_sampling_names_become_sglang_names() -> None:
+    assert to_sglang_names({"max_tokens": 8, "seed": 3, "min_tokens": 1, "top_k": 5}) == {
+        "max_new_tokens": 8, "sampling_seed": 3, "min_new_tokens": 1, "top_k": 5}
+    assert to_sglang_names({"max_new_tokens": 8, "no_such": 1}) == {
+        "max_new_tokens": 8, "no_such": 1}  # left for SamplingParams to refuse
+    # OpenAI's two names for one parameter: the later in the request wins.
+    assert to_sglang_names({"max_tokens": 8, "max_completion_tokens": 4}) == {
+        "max_new_tokens": 4}
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"max_tokens": 8, "max_new_tokens": 4}, "pass max_tokens or max_new_tokens, not both"),
+    ({"sampling_seed": 1, "seed": 2}, "pass seed or sampling_seed, not both"),
+])
+def test_an_openai_name_with_its_sglang_name_is_refused(params: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        to_sglang_names(params)
 
 
 @pytest.mark.parametrize(("kwargs", "fragment"), [

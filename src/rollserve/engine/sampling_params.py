@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +91,30 @@ class SamplingParams:
         if vocab_size is not None:
             bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
             _check(not bad, "stop_token_ids", f"ids outside the vocabulary: {bad}")
+
+
+SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+# OpenAI's names for SGLang sampling parameters; every other parameter is spelled alike in
+# both APIs.
+OPENAI_NAMES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
+                "seed": "sampling_seed", "min_tokens": "min_new_tokens"}
+# The sampling parameters an OpenAI request may carry: SGLang's own extras (top_k, min_p,
+# ignore_eos, ...) as well, but not the SGLang names of those OpenAI spells its own way.
+OPENAI_SAMPLING_FIELDS = frozenset(OPENAI_NAMES) | (SAMPLING_FIELDS - set(OPENAI_NAMES.values()))
+
+
+def to_sglang_names(params: Mapping[str, Any]) -> dict[str, Any]:
+    """`params` with OpenAI's names (max_tokens, seed, ...) turned into SGLang's; other keys
+    are kept as given (SamplingParams.from_dict rejects unknown ones). An OpenAI name given
+    together with the SGLang name it stands for is refused (ValueError); of two OpenAI names
+    for one parameter (max_tokens, max_completion_tokens) the later in `params` wins."""
+    renamed: dict[str, Any] = {}
+    for key, value in params.items():
+        name = OPENAI_NAMES.get(key, key)
+        if name != key and name in params:
+            raise ValueError(f"pass {key} or {name}, not both")
+        renamed[name] = value
+    return renamed
 
 
 def _check(ok: bool, name: str, message: str) -> None:

@@ -21,6 +21,7 @@ import torch
 
 from rollserve.client import InferenceHTTPClient, InferenceHTTPError
 from rollserve.cluster.local_fleet import LocalFleet
+from rollserve.engine.sampling_params import to_sglang_names
 from rollserve.models.catalog import DEFAULT_MODEL
 from rollserve.rl.weight_sync import WeightSync, WeightSyncError
 from rollserve.utils.process import free_port
@@ -82,11 +83,12 @@ class RolloutService:
                  timeout: float | None = None, **kwargs: Any) -> dict[str, Any] | list[dict]:
         """Text prompts XOR token ids, one or a batch; returns `{text, output_ids, meta_info}`
         (a list for a batch, in input order). `kwargs` are merged into `sampling_params`;
-        `max_tokens` is accepted for `max_new_tokens`. With `return_logprobs`, meta_info
-        carries `output_token_logprobs` as (logprob, token_id, text) triples."""
+        OpenAI's names are accepted for SGLang's (`max_tokens` for `max_new_tokens`, ...).
+        With `return_logprobs`, meta_info carries `output_token_logprobs` as
+        (logprob, token_id, text) triples."""
         if (prompts is None) == (input_ids is None):
             raise ValueError("pass exactly one of prompts and input_ids")
-        params = _sampling_params(sampling_params, kwargs)
+        params = to_sglang_names({**(sampling_params or {}), **kwargs})
         single = isinstance(prompts, str) or (
             input_ids is not None and all(isinstance(t, int) for t in input_ids))
         items = [prompts] if isinstance(prompts, str) else prompts
@@ -221,12 +223,3 @@ class RolloutService:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
-
-
-def _sampling_params(params: dict[str, Any] | None, extra: dict[str, Any]) -> dict[str, Any]:
-    merged = {**(params or {}), **extra}
-    if "max_tokens" in merged:
-        if "max_new_tokens" in merged:
-            raise ValueError("pass max_tokens or max_new_tokens, not both")
-        merged["max_new_tokens"] = merged.pop("max_tokens")
-    return merged

@@ -1,5 +1,6 @@
-"""`ServerArgs`: SGLang's flag names for everything the engine supports, as a dataclass and
-as a command line (`--model-path`, `--tp-size`, ...). Unknown keys and flags are errors."""
+"""`ServerArgs`: `EngineArgs` plus the HTTP server's own settings, with SGLang's flag names,
+as a dataclass and as a command line (`--model-path`, `--tp-size`, ...). Unknown keys and
+flags are errors."""
 
 from __future__ import annotations
 
@@ -12,32 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rollserve.engine.args import DEFAULT_CHUNKED_PREFILL_SIZE, EngineArgs
+from rollserve.engine.args import EngineArgs
 from rollserve.engine.sampling_params import SamplingParams
-from rollserve.models.catalog import DEFAULT_MODEL, resolve_model
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 @dataclass(slots=True)
-class ServerArgs:
-    model_path: str = DEFAULT_MODEL  # a directory, a .gguf file or a name (`rollserve models`)
-    tokenizer_path: str | None = None
+class ServerArgs(EngineArgs):
+    """Every EngineArgs field (the engine's settings), then the server's."""
+
     host: str = "127.0.0.1"
     port: int = 30000
-    tp_size: int = 1
-    dtype: str = "auto"
-    device: str = "auto"
-    mem_fraction_static: float | None = None
-    max_total_tokens: int | None = None
-    max_running_requests: int = 256
-    context_length: int | None = None
-    chunked_prefill_size: int = DEFAULT_CHUNKED_PREFILL_SIZE
-    schedule_policy: str = "fcfs"
-    disable_radix_cache: bool = False
-    random_seed: int = 0
-    disable_native_kernels: bool = False
-    stream_interval: int = 1
     served_model_name: str | None = None
     chat_template: str | None = None  # a Jinja template string or a path to one
     api_key: str | None = None
@@ -48,6 +35,7 @@ class ServerArgs:
     max_request_bytes: int = 32 * 2**20
 
     def __post_init__(self) -> None:
+        # The engine runs TP ranks, but the server does not serve them yet.
         if self.tp_size != 1:
             raise ValueError(
                 f"tp_size={self.tp_size}: tensor parallelism is not implemented yet; use 1 "
@@ -57,18 +45,17 @@ class ServerArgs:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         self.preferred_sampling_defaults()  # validates the JSON early
         _check_chat_template(self.chat_template)
-        self._resolve_model()  # last: a first use converts the model
-        self.engine_args().validate()  # engine settings fail here, before anything starts
+        self._resolve_model()  # after the cheap checks: a first use converts the model
+        self.validate()  # engine settings fail here, before anything starts
 
     def _resolve_model(self) -> None:
-        """A name or .gguf file becomes the local checkpoint it stands for; clients keep
-        calling the model by the name the server was given."""
-        resolved = resolve_model(self.model_path)
-        if resolved != self.model_path and self.served_model_name is None:
-            self.served_model_name = self.model_path
-        self.model_path = resolved
-        if self.tokenizer_path is not None:
-            self.tokenizer_path = resolve_model(self.tokenizer_path)
+        """A name or .gguf file becomes the local checkpoint it stands for (EngineArgs does
+        that); clients keep calling the model by the name the server was given."""
+        given = self.model_path
+        # Explicitly: zero-argument super() fails in a slots dataclass before Python 3.14.
+        EngineArgs.__post_init__(self)
+        if self.model_path != given and self.served_model_name is None:
+            self.served_model_name = given
 
     @property
     def model_name(self) -> str:
@@ -90,8 +77,9 @@ class ServerArgs:
         return value
 
     def engine_args(self) -> EngineArgs:
-        names = {f.name for f in dataclasses.fields(EngineArgs)}
-        return EngineArgs(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+        """The engine's part alone: the engine process gets no server settings (API key)."""
+        names = [f.name for f in dataclasses.fields(EngineArgs)]
+        return EngineArgs(**{name: getattr(self, name) for name in names})
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

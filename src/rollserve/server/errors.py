@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from fastapi import Request
 from fastapi.responses import JSONResponse
 
 
@@ -22,10 +21,6 @@ def error_response(message: str, status: int) -> JSONResponse:
     )
 
 
-def reject_unknown_fields(body: dict[str, Any], known: set[str]) -> None:
-    """Unknown fields are errors when set. Unknown fields left empty (null, false, [], {})
-    pass: SGLang clients and sglang-router send SGLang's optional fields that way, and an
-    empty option asks for nothing this server lacks."""
-    used = sorted(k for k in set(body) - known if body[k] not in (None, False, [], {}, ""))
-    if used:
-        raise RequestError(f"unknown or unsupported field(s): {', '.join(used)}")
+async def request_error_handler(_request: Request, exc: RequestError) -> JSONResponse:
+    """The app's handler for RequestError, raised by handlers and the validation layer."""
+    return error_response(str(exc), exc.status)

@@ -1,200 +1,148 @@
-"""OpenAI-compatible request parsing and response framing (chat and completions)."""
+"""The OpenAI API's routes: `/v1/models`, `/v1/chat/completions` and `/v1/completions`,
+each with streaming (request models and response pieces: openai_protocol)."""
 
 from __future__ import annotations
 
-import time
-import uuid
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
-from transformers import PreTrainedTokenizerBase
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
 
-from rollserve.server.errors import RequestError, reject_unknown_fields
+from rollserve.engine.engine_process import AnyEngine
+from rollserve.engine.validation import GenerateInput
+from rollserve.server import openai_protocol as protocol
+from rollserve.server.bodies import JsonBody
+from rollserve.server.errors import error_response
+from rollserve.server.generation import SSE_DONE, collect, event_stream, prepare, sse, updates
+from rollserve.server.openai_protocol import ChatRequest, CompletionRequest
+from rollserve.server.state import ServerState, State
 
-ROLES = ("system", "user", "assistant", "tool", "developer")
-MAX_TOP_LOGPROBS = 20  # OpenAI's limit
-# OpenAI name -> SGLang sampling parameter; SGLang's own extras pass through unchanged.
-RENAMED = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
-           "seed": "sampling_seed", "min_tokens": "min_new_tokens"}
-PASSED_THROUGH = {"temperature", "top_p", "top_k", "min_p", "frequency_penalty",
-                  "presence_penalty", "repetition_penalty", "stop", "stop_token_ids",
-                  "ignore_eos", "skip_special_tokens", "no_stop_trim", "n"}
-# Accepted whatever their value: none of them changes what is generated. Features that
-# would (tools, response_format, logit_bias, echo, ...) are refused when set, never ignored.
-ACCEPTED = {"model", "stream", "stream_options", "logprobs", "top_logprobs", "user",
-            "messages", "prompt", "store", "metadata", "chat_template_kwargs", "service_tier",
-            "parallel_tool_calls", "rid",
-            # sglang-router sends SGLang's defaults (true); they only matter with a reasoning
-            # parser, which this server does not have, as SGLang without --reasoning-parser.
-            "separate_reasoning", "stream_reasoning"}
+router = APIRouter()
+
+AnyRequest = ChatRequest | CompletionRequest
 
 
-@dataclass(slots=True)
-class OpenAIRequest:
-    model: str
-    prompt_ids: list[list[int]]
-    sampling: dict[str, Any]
-    stream: bool
-    include_usage: bool
-    logprobs: bool
-    top_logprobs: int
-    rid: list[str] | None  # as on /generate: one per prompt, for /abort_request
+@router.get("/v1/models")
+async def models(state: State) -> JSONResponse:
+    args = state.args
+    return JSONResponse({"object": "list", "data": [{
+        "id": args.model_name, "object": "model", "created": int(state.started),
+        "owned_by": "rollserve", "root": args.model_path,
+        "max_model_len": state.engine.context_len,
+    }]})
 
 
-def parse_chat(body: Any, tokenizer: PreTrainedTokenizerBase, chat_template: str | None,
-               defaults: dict[str, Any]) -> OpenAIRequest:
-    body = _object(body)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("'messages' must be a non-empty list")
-    messages = [_message(i, m) for i, m in enumerate(messages)]
-    try:
-        ids = tokenizer.apply_chat_template(
-            messages, chat_template=chat_template, add_generation_prompt=True, tokenize=False,
-            **(body.get("chat_template_kwargs") or {}),
-        )
-    except Exception as exc:  # a template error is the request's fault (bad message shape)
-        raise RequestError(f"cannot apply the chat template to these messages: {exc}") from exc
-    prompt = tokenizer.encode(ids, add_special_tokens=False)
-    logprobs = body.get("logprobs")
-    if logprobs is not None and not isinstance(logprobs, bool):
-        raise RequestError("'logprobs' must be a boolean")
-    top = body.get("top_logprobs")
-    if top is not None and (not _is_int(top) or not 0 <= top <= MAX_TOP_LOGPROBS):
-        raise RequestError(f"'top_logprobs' must be an integer in [0, {MAX_TOP_LOGPROBS}]")
-    # No max_tokens: generate until a stop or the context length, as SGLang and OpenAI do.
-    return _request(body, [prompt], {"max_new_tokens": None, **defaults}, bool(logprobs),
-                    top or 0)
+@router.post("/v1/chat/completions")
+async def chat(request: Request, state: State,
+               body: Annotated[ChatRequest, Depends(JsonBody(ChatRequest))]) -> Response:
+    prompts = body.prompt_ids(state.engine.tokenizer, state.chat_template)
+    return await _respond(request, state, body, prompts)
 
 
-def _message(index: int, message: Any) -> Any:
-    """Checks the role; content given as a list of text parts (the openai client's typed
-    form) is joined into one string, as SGLang does, so string-only templates accept it."""
-    role = message.get("role") if isinstance(message, dict) else None
-    if role not in ROLES:
-        raise RequestError(
-            f"messages[{index}] has an unknown role {role!r}; valid roles: {', '.join(ROLES)}"
-        )
-    content = message.get("content")
-    if not isinstance(content, list):
-        return message
-    if not all(isinstance(p, dict) and p.get("type") == "text"
-               and isinstance(p.get("text"), str) for p in content):
-        raise RequestError(f"messages[{index}].content parts must all be "
-                           "{'type': 'text', 'text': ...} (this server reads text only)")
-    return {**message, "content": "".join(p["text"] for p in content)}
+@router.post("/v1/completions")
+async def completions(request: Request, state: State,
+                      body: Annotated[CompletionRequest, Depends(JsonBody(CompletionRequest))]
+                      ) -> Response:
+    return await _respond(request, state, body, body.prompt_ids(state.engine.tokenizer))
 
 
-def parse_completion(body: Any, tokenizer: PreTrainedTokenizerBase,
-                     defaults: dict[str, Any]) -> OpenAIRequest:
-    body = _object(body)
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        prompts = [tokenizer.encode(prompt)]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        prompts = [tokenizer.encode(p) for p in prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-        prompts = [list(prompt)]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
-        prompts = [list(p) for p in prompt]
-    else:
-        raise RequestError("'prompt' must be a string, a list of strings or token ids")
-    logprobs = body.get("logprobs")  # completions: the number of top logprobs per token
-    if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
-        raise RequestError(f"'logprobs' must be an integer in [0, {MAX_TOP_LOGPROBS}]")
-    return _request(body, prompts, {"max_new_tokens": 16, **defaults}, logprobs is not None,
-                    logprobs or 0)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _object(body: Any) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
-    reject_unknown_fields(body, ACCEPTED | set(RENAMED) | PASSED_THROUGH)
-    if body.get("stream") not in (None, True, False):
-        raise RequestError("'stream' must be a boolean")
-    return body
-
-
-def _request(body: dict[str, Any], prompts: list[list[int]], defaults: dict[str, Any],
-             logprobs: bool, top_logprobs: int) -> OpenAIRequest:
-    sampling = dict(defaults)
-    for key, value in body.items():
-        if value is None:
-            continue
-        if key in RENAMED:
-            sampling[RENAMED[key]] = value
-        elif key in PASSED_THROUGH:
-            sampling[key] = value
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise RequestError("'stream_options' must be an object")
-    rid = body.get("rid")
-    rid = [rid] if isinstance(rid, str) else rid
-    if rid is not None and not (isinstance(rid, list) and len(rid) == len(prompts)
-                                and all(isinstance(r, str) for r in rid)):
-        raise RequestError("'rid' must be a string, or a list of strings with one per prompt")
-    return OpenAIRequest(
-        model=str(body.get("model") or ""), prompt_ids=prompts, sampling=sampling,
-        stream=bool(body.get("stream")), include_usage=bool(options.get("include_usage")),
-        logprobs=logprobs, top_logprobs=top_logprobs, rid=rid,
+async def _respond(request: Request, state: ServerState, body: AnyRequest,
+                   prompts: list[list[int]]) -> Response:
+    engine, chat = state.engine, isinstance(body, ChatRequest)
+    _, inputs = prepare(
+        engine, None, body.sampling(state.sampling_defaults), prompts,
+        return_logprob=body.want_logprobs, top_logprobs_num=body.top_logprobs_num,
+        return_text_in_logprobs=True, rid=body.rids(),
     )
+    n = len(inputs) // len(prompts)
+    model = body.model or state.args.model_name
+    if body.stream:
+        frames = (_stream_chat if chat else _stream_completion)(
+            request, engine, inputs, body, model, n)
+        return event_stream(request, frames)
+    outputs = await collect(request, engine, inputs)
+    if outputs is None:
+        return error_response("client disconnected", 499)
+    make_choice = _chat_choice if chat else _completion_choice
+    return JSONResponse({
+        "id": protocol.new_id("chatcmpl" if chat else "cmpl"),
+        "object": "chat.completion" if chat else "text_completion",
+        "created": protocol.now(), "model": model,
+        "choices": [make_choice(i, o, body.want_logprobs) for i, o in enumerate(outputs)],
+        "usage": protocol.usage(outputs, len(prompts), n),
+    })
 
 
-def finish_reason(output: dict[str, Any]) -> str | None:
-    reason = output["meta_info"]["finish_reason"]
-    if reason is None:
-        return None
-    return {"length": "length", "stop": "stop"}.get(reason["type"], "abort")
-
-
-def matched_stop(output: dict[str, Any]) -> Any:
-    reason = output["meta_info"]["finish_reason"]
-    return reason.get("matched") if reason and reason["type"] == "stop" else None
-
-
-def chat_logprobs(output: dict[str, Any], start: int) -> dict[str, Any]:
-    """OpenAI chat `logprobs` for output tokens from `start` on."""
-    meta = output["meta_info"]
-    tops = meta.get("output_top_logprobs") or []
-    content = []
-    for i, (logprob, _tid, text) in enumerate(meta["output_token_logprobs"][start:], start):
-        content.append({
-            "token": text, "logprob": logprob, "bytes": list(text.encode()),
-            "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())}
-                             for lp, _id, t in (tops[i] if i < len(tops) else [])],
-        })
-    return {"content": content}
-
-
-def completion_logprobs(output: dict[str, Any], start: int = 0) -> dict[str, Any]:
-    """OpenAI completions `logprobs` for output tokens from `start` on."""
-    meta = output["meta_info"]
-    tops = (meta.get("output_top_logprobs") or [])[start:]
-    triples = meta["output_token_logprobs"][start:]
+def _chat_choice(index: int, output: dict[str, Any], logprobs: bool) -> dict[str, Any]:
     return {
-        "tokens": [t for _, _, t in triples],
-        "token_logprobs": [lp for lp, _, _ in triples],
-        "top_logprobs": [{t: lp for lp, _, t in top} for top in tops] or None,
-        "text_offset": None,
+        "index": index, "message": {"role": "assistant", "content": output["text"]},
+        "logprobs": protocol.chat_logprobs(output, 0) if logprobs else None,
+        "finish_reason": protocol.finish_reason(output),
+        "matched_stop": protocol.matched_stop(output),
     }
 
 
-def usage(outputs: list[dict[str, Any]], prompt_count: int, n: int) -> dict[str, int]:
-    prompt = sum(outputs[i * n]["meta_info"]["prompt_tokens"] for i in range(prompt_count))
-    completion = sum(o["meta_info"]["completion_tokens"] for o in outputs)
-    cached = sum(outputs[i * n]["meta_info"]["cached_tokens"] for i in range(prompt_count))
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+def _completion_choice(index: int, output: dict[str, Any], logprobs: bool) -> dict[str, Any]:
+    return {
+        "index": index, "text": output["text"],
+        "logprobs": protocol.completion_logprobs(output) if logprobs else None,
+        "finish_reason": protocol.finish_reason(output),
+        "matched_stop": protocol.matched_stop(output),
+    }
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+async def _stream_chat(request: Request, engine: AnyEngine, inputs: list[GenerateInput],
+                       body: AnyRequest, model: str, n: int) -> AsyncIterator[bytes]:
+    chunk_id, created = protocol.new_id("chatcmpl"), protocol.now()
+
+    def frame(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return sse({"id": chunk_id, "object": "chat.completion.chunk", "created": created,
+                    "model": model, "choices": choices, **extra})
+
+    for i in range(len(inputs)):
+        yield frame([{"index": i, "delta": {"role": "assistant", "content": ""},
+                      "logprobs": None, "finish_reason": None}])
+    sent_text, sent_tokens = [0] * len(inputs), [0] * len(inputs)
+    finals: list[dict[str, Any]] = [{} for _ in inputs]
+    async for index, output, finished in updates(request, engine, inputs, stream=True):
+        text = output["text"]
+        delta = text[sent_text[index]:]
+        logprobs = (protocol.chat_logprobs(output, sent_tokens[index])
+                    if body.want_logprobs else None)
+        sent_text[index], sent_tokens[index] = len(text), len(output["output_ids"])
+        if delta or finished or (logprobs and logprobs["content"]):
+            choice = {"index": index, "delta": {"content": delta} if delta else {},
+                      "logprobs": logprobs, "finish_reason": None}
+            if finished:
+                choice["finish_reason"] = protocol.finish_reason(output)
+                choice["matched_stop"] = protocol.matched_stop(output)
+            yield frame([choice])
+        if finished:
+            finals[index] = output
+    if body.include_usage and all(finals):
+        yield frame([], usage=protocol.usage(finals, body.prompt_count, n))
+    yield SSE_DONE
 
 
-def now() -> int:
-    return int(time.time())
+async def _stream_completion(request: Request, engine: AnyEngine, inputs: list[GenerateInput],
+                             body: AnyRequest, model: str, n: int) -> AsyncIterator[bytes]:
+    chunk_id, created = protocol.new_id("cmpl"), protocol.now()
+    sent_text, sent_tokens = [0] * len(inputs), [0] * len(inputs)
+    finals: list[dict[str, Any]] = [{} for _ in inputs]
+    base = {"id": chunk_id, "object": "text_completion", "created": created, "model": model}
+    async for index, output, finished in updates(request, engine, inputs, stream=True):
+        delta = output["text"][sent_text[index]:]
+        logprobs = (protocol.completion_logprobs(output, sent_tokens[index])
+                    if body.want_logprobs else None)
+        sent_text[index], sent_tokens[index] = len(output["text"]), len(output["output_ids"])
+        if delta or finished or (logprobs and logprobs["tokens"]):
+            yield sse({**base, "choices": [{
+                "index": index, "text": delta, "logprobs": logprobs,
+                "finish_reason": protocol.finish_reason(output) if finished else None}]})
+        if finished:
+            finals[index] = output
+    if body.include_usage and all(finals):
+        yield sse({**base, "choices": [],
+                   "usage": protocol.usage(finals, body.prompt_count, n)})
+    yield SSE_DONE

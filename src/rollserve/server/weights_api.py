@@ -10,134 +10,222 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from functools import partial
+from typing import Annotated, Any, ClassVar, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
+from pydantic import model_validator
 
 from rollserve.engine.engine_process import AnyEngine
-from rollserve.server.args import ServerArgs
-from rollserve.server.errors import RequestError, reject_unknown_fields
+from rollserve.server.bodies import JsonBody, QueryParams, RequestBody, invalid
+from rollserve.server.errors import RequestError
+from rollserve.server.state import State
 from rollserve.weights.updater import DEFAULT_GROUP, FLATTENED_BUCKET
 
 logger = logging.getLogger(__name__)
 
-JsonReader = Callable[[Request], Awaitable[Any]]
-_REQUIRED = object()
-# SGLang request fields that change nothing here: accepted with any value.
-_NO_OPS = {"rid", "torch_empty_cache", "token_step", "disable_draft_model"}
+router = APIRouter()
 
 
-@dataclass(slots=True, frozen=True)
-class Field:
-    kind: type | tuple[type, ...]
-    default: Any = _REQUIRED
+class WeightsRequest(RequestBody):
+    """A body of these endpoints: may be absent (an empty object); unknown fields are refused;
+    null means the field's default, as SGLang's clients send every optional field."""
+
+    REJECT_UNKNOWN: ClassVar[bool] = True
+    # SGLang request fields that change nothing here: accepted with any value.
+    IGNORED: ClassVar[frozenset[str]] = frozenset(
+        {"rid", "torch_empty_cache", "token_step", "disable_draft_model"})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
 
-UPDATE_FIELDS = {
-    "flush_cache": Field(bool, True), "abort_all_requests": Field(bool, False),
-    "weight_version": Field(str, None), "apply": Field(bool, True),
-}
+W = TypeVar("W", bound=WeightsRequest)
 
 
-def install_weight_routes(app: FastAPI, engine: AnyEngine, args: ServerArgs,
-                          read_json: JsonReader) -> None:
-    default_backend = "nccl" if engine.device.type == "cuda" else "gloo"
+def _body(model: type[W]) -> Any:
+    return Depends(JsonBody(model, optional=True))
 
-    async def fields(request: Request, spec: dict[str, Field]) -> dict[str, Any]:
-        body = await read_json(request) if _has_body(request) else {}
-        return _parse(body, spec)
 
-    @app.post("/init_weights_update_group")
-    async def init_weights_update_group(request: Request) -> JSONResponse:
-        f = await fields(request, {
-            "master_address": Field(str), "master_port": Field(int), "rank_offset": Field(int),
-            "world_size": Field(int), "group_name": Field(str, DEFAULT_GROUP),
-            "backend": Field(str, default_backend),
-        })
-        return await _run(lambda: engine.init_weights_update_group(**f),
-                          f"joined weights update group {f['group_name']!r} as rank "
-                          f"{f['rank_offset']} of {f['world_size']}")
+class InitGroupRequest(WeightsRequest):
+    master_address: str
+    master_port: int
+    rank_offset: int
+    world_size: int
+    group_name: str = DEFAULT_GROUP
+    backend: str | None = None  # default: nccl on CUDA, gloo on CPU
 
-    @app.post("/destroy_weights_update_group")
-    async def destroy_weights_update_group(request: Request) -> JSONResponse:
-        f = await fields(request, {"group_name": Field(str, DEFAULT_GROUP)})
-        return await _run(lambda: engine.destroy_weights_update_group(**f),
-                          f"left weights update group {f['group_name']!r}")
 
-    @app.post("/update_weights_from_distributed")
-    async def update_weights_from_distributed(request: Request) -> JSONResponse:
-        f = await fields(request, {
-            "names": Field(list), "dtypes": Field(list), "shapes": Field(list),
-            "group_name": Field(str, DEFAULT_GROUP), "load_format": Field(str, None),
-            **UPDATE_FIELDS,
-        })
-        return await _run(lambda: engine.update_weights_from_distributed(**f))
+class GroupRequest(WeightsRequest):
+    group_name: str = DEFAULT_GROUP
 
-    @app.post("/update_weights_from_tensor")
-    async def update_weights_from_tensor(request: Request) -> JSONResponse:
-        f = await fields(request, {
-            "serialized_named_tensors": Field(list), "load_format": Field(str, None),
-            **UPDATE_FIELDS,
-        })
-        payloads, load_format = f.pop("serialized_named_tensors"), f.pop("load_format")
-        if load_format not in (None, "direct", FLATTENED_BUCKET):
-            raise RequestError(f"load_format must be null, 'direct' or {FLATTENED_BUCKET!r}")
+
+class UpdateRequest(WeightsRequest):
+    """What every weight update takes."""
+
+    flush_cache: bool = True
+    abort_all_requests: bool = False
+    weight_version: str | None = None
+    apply: bool = True
+
+    def update_options(self) -> dict[str, Any]:
+        """The options every engine update call takes (`apply` is not one of them)."""
+        return {"flush_cache": self.flush_cache, "abort_all_requests": self.abort_all_requests,
+                "weight_version": self.weight_version}
+
+
+class FromDistributedRequest(UpdateRequest):
+    names: list[Any]
+    dtypes: list[Any]
+    shapes: list[Any]
+    group_name: str = DEFAULT_GROUP
+    load_format: str | None = None
+
+
+class FromTensorRequest(UpdateRequest):
+    serialized_named_tensors: list[Any]
+    load_format: str | None = None
+
+    @model_validator(mode="after")
+    def _one_payload_per_rank(self) -> FromTensorRequest:
+        if self.load_format not in (None, "direct", FLATTENED_BUCKET):
+            raise invalid(f"load_format must be null, 'direct' or {FLATTENED_BUCKET!r}")
+        payloads = self.serialized_named_tensors
         if not payloads or not isinstance(payloads[0], str):
-            raise RequestError("'serialized_named_tensors' must hold one base64 string per "
-                               "tensor-parallel rank")
-        # One entry per TP rank; this engine is rank 0.
-        return await _run(lambda: engine.update_weights_from_serialized(
-            payloads[0], load_format, **f))
+            raise invalid("'serialized_named_tensors' must hold one base64 string per "
+                          "tensor-parallel rank")
+        return self
 
-    @app.post("/update_weights_from_disk")
-    async def update_weights_from_disk(request: Request) -> JSONResponse:
-        f = await fields(request, {"model_path": Field(str), "load_format": Field(str, None),
-                                   **UPDATE_FIELDS})
-        if f.pop("load_format") not in (None, "auto", "safetensors"):
-            raise RequestError("load_format must be null, 'auto' or 'safetensors'")
-        if not f.pop("apply"):
-            raise RequestError("'apply': false is only for update_weights_from_distributed "
-                               "and update_weights_from_tensor")
-        response = await _run(lambda: engine.update_weights_from_disk(**f))
-        if response.status_code == 200:
-            args.model_path = f["model_path"]  # /model_info reports what is loaded
-        return response
 
-    async def get_weights_by_name(request: Request) -> JSONResponse:
-        if request.method == "GET":
-            f = _parse(dict(request.query_params), {"name": Field(str),
-                                                    "truncate_size": Field(str, "100")})
-            f["truncate_size"] = _as_int(f["truncate_size"], "truncate_size")
-        else:
-            f = await fields(request, {"name": Field(str), "truncate_size": Field(int, 100)})
-        try:
-            values = await asyncio.to_thread(engine.get_weights_by_name, **f)
-        except ValueError as exc:  # an unknown parameter name
-            raise RequestError(str(exc)) from exc
-        return JSONResponse(values)
+class FromDiskRequest(UpdateRequest):
+    model_path: str
+    load_format: str | None = None
 
-    app.add_api_route("/get_weights_by_name", get_weights_by_name, methods=["GET", "POST"])
+    @model_validator(mode="after")
+    def _a_checkpoint_applied_at_once(self) -> FromDiskRequest:
+        if self.load_format not in (None, "auto", "safetensors"):
+            raise invalid("load_format must be null, 'auto' or 'safetensors'")
+        if not self.apply:
+            raise invalid("'apply': false is only for update_weights_from_distributed "
+                          "and update_weights_from_tensor")
+        return self
 
-    @app.get("/get_weights_metadata")
-    async def get_weights_metadata() -> JSONResponse:
-        def read() -> dict[str, Any]:  # calls into the engine: never on the event loop
-            return {**engine.weights_metadata(), "weight_version": engine.weight_version}
 
-        return JSONResponse(await asyncio.to_thread(read))
+class WeightsByNameRequest(WeightsRequest):
+    name: str
+    truncate_size: int = 100
 
-    @app.post("/pause_generation")
-    async def pause_generation(request: Request) -> JSONResponse:
-        f = await fields(request, {"mode": Field(str, "abort")})
-        return await _run(lambda: engine.pause_generation(**f),
-                          f"generation paused (mode={f['mode']})")
 
-    @app.post("/continue_generation")
-    async def continue_generation(request: Request) -> JSONResponse:
-        await fields(request, {})
-        return await _run(engine.continue_generation, "generation continued")
+class PauseRequest(WeightsRequest):
+    mode: str = "abort"
+
+
+class ContinueRequest(WeightsRequest):
+    """No fields: anything set but SGLang's no-ops is refused."""
+
+
+@router.post("/init_weights_update_group")
+async def init_weights_update_group(
+        state: State, body: Annotated[InitGroupRequest, _body(InitGroupRequest)]
+) -> JSONResponse:
+    engine = state.engine
+    backend = body.backend or ("nccl" if engine.device.type == "cuda" else "gloo")
+    join = partial(engine.init_weights_update_group, master_address=body.master_address,
+                   master_port=body.master_port, rank_offset=body.rank_offset,
+                   world_size=body.world_size, group_name=body.group_name, backend=backend)
+    return await _run(join, f"joined weights update group {body.group_name!r} as rank "
+                            f"{body.rank_offset} of {body.world_size}")
+
+
+@router.post("/destroy_weights_update_group")
+async def destroy_weights_update_group(
+        state: State, body: Annotated[GroupRequest, _body(GroupRequest)]) -> JSONResponse:
+    return await _run(partial(state.engine.destroy_weights_update_group,
+                              group_name=body.group_name),
+                      f"left weights update group {body.group_name!r}")
+
+
+@router.post("/update_weights_from_distributed")
+async def update_weights_from_distributed(
+        state: State, body: Annotated[FromDistributedRequest, _body(FromDistributedRequest)]
+) -> JSONResponse:
+    return await _run(partial(
+        state.engine.update_weights_from_distributed, names=body.names, dtypes=body.dtypes,
+        shapes=body.shapes, group_name=body.group_name, load_format=body.load_format,
+        apply=body.apply, **body.update_options()))
+
+
+@router.post("/update_weights_from_tensor")
+async def update_weights_from_tensor(
+        state: State, body: Annotated[FromTensorRequest, _body(FromTensorRequest)]
+) -> JSONResponse:
+    # One payload per TP rank; this engine is rank 0.
+    return await _run(partial(
+        state.engine.update_weights_from_serialized, payload=body.serialized_named_tensors[0],
+        load_format=body.load_format, apply=body.apply, **body.update_options()))
+
+
+@router.post("/update_weights_from_disk")
+async def update_weights_from_disk(
+        state: State, body: Annotated[FromDiskRequest, _body(FromDiskRequest)]
+) -> JSONResponse:
+    response = await _run(partial(state.engine.update_weights_from_disk,
+                                  model_path=body.model_path, **body.update_options()))
+    if response.status_code == 200:
+        state.args.model_path = body.model_path  # /model_info reports what is loaded
+    return response
+
+
+@router.get("/get_weights_by_name")
+async def get_weights_by_name(
+        state: State,
+        query: Annotated[WeightsByNameRequest, Depends(QueryParams(WeightsByNameRequest))]
+) -> JSONResponse:
+    return await _weights_by_name(state.engine, query)
+
+
+@router.post("/get_weights_by_name")
+async def post_weights_by_name(
+        state: State, body: Annotated[WeightsByNameRequest, _body(WeightsByNameRequest)]
+) -> JSONResponse:
+    return await _weights_by_name(state.engine, body)
+
+
+async def _weights_by_name(engine: AnyEngine, request: WeightsByNameRequest) -> JSONResponse:
+    try:
+        values = await asyncio.to_thread(engine.get_weights_by_name, name=request.name,
+                                         truncate_size=request.truncate_size)
+    except ValueError as exc:  # an unknown parameter name
+        raise RequestError(str(exc)) from exc
+    return JSONResponse(values)
+
+
+@router.get("/get_weights_metadata")
+async def get_weights_metadata(state: State) -> JSONResponse:
+    # Calls into the engine: never on the event loop.
+    return JSONResponse(await asyncio.to_thread(_weights_metadata, state.engine))
+
+
+def _weights_metadata(engine: AnyEngine) -> dict[str, Any]:
+    return {**engine.weights_metadata(), "weight_version": engine.weight_version}
+
+
+@router.post("/pause_generation")
+async def pause_generation(
+        state: State, body: Annotated[PauseRequest, _body(PauseRequest)]) -> JSONResponse:
+    return await _run(partial(state.engine.pause_generation, mode=body.mode),
+                      f"generation paused (mode={body.mode})")
+
+
+@router.post("/continue_generation", dependencies=[_body(ContinueRequest)])
+async def continue_generation(state: State) -> JSONResponse:
+    return await _run(state.engine.continue_generation, "generation continued")
 
 
 async def _run(call: Callable[[], str | None], message: str | None = None) -> JSONResponse:
@@ -155,32 +243,3 @@ async def _run(call: Callable[[], str | None], message: str | None = None) -> JS
 def _failure(message: str) -> JSONResponse:
     return JSONResponse({"success": False, "message": message, "error": {
         "message": message, "type": "invalid_request_error", "code": 400}}, status_code=400)
-
-
-def _parse(body: Any, spec: dict[str, Field]) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
-    reject_unknown_fields(body, set(spec) | _NO_OPS)
-    out = {}
-    for name, field in spec.items():
-        value = body.get(name)
-        if value is None:
-            if field.default is _REQUIRED:
-                raise RequestError(f"missing required field {name!r}")
-            value = field.default
-        elif not isinstance(value, field.kind) or (field.kind is int and isinstance(value, bool)):
-            raise RequestError(f"{name!r} has the wrong type ({type(value).__name__})")
-        out[name] = value
-    return out
-
-
-def _as_int(value: str, name: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise RequestError(f"{name!r} must be an integer") from None
-
-
-def _has_body(request: Request) -> bool:
-    return (request.headers.get("content-length", "0") != "0"
-            or "transfer-encoding" in request.headers)
