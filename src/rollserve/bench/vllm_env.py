@@ -69,7 +69,9 @@ def run_peer(request: dict[str, Any], kv_cache_gib: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         request_file, result_file = Path(scratch, "request.json"), Path(scratch, "result.json")
         request_file.write_text(json.dumps(request))
-        done = subprocess.run([str(python), str(Path(__file__).with_name("vllm_peer.py")),
+        # -P: the script's folder (bench/) stays off sys.path, or its kernels.py would stand
+        # in for the `kernels` package that transformers probes for.
+        done = subprocess.run([str(python), "-P", str(Path(__file__).with_name("vllm_peer.py")),
                                str(request_file), str(result_file)],
                               env={**os.environ, **settings}, capture_output=True, text=True)
         if done.returncode != 0:
