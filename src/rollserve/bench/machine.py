@@ -5,7 +5,7 @@ weight stream of a one-row step comes to it, and how much the matmul speed drift
 
 Run it next to a benchmark to read that benchmark's spread. The read bandwidth is a
 two-thread `torch.sum` over 1 GB (the peer); the weight stream is Qwen2.5-0.5B's linears and
-lm_head (988 MB, bench.kernels' weights) at one row through the engine's matmul path. The
+lm_head (988 MB, bench.cpu_kernels' weights) at one row through the engine's matmul path. The
 drift probe repeats one bf16 prefill-sized matmul (oneDNN, AMX) and reports its speed in
 one-second windows: on a shared VM it moves by whole factors while the code stays the same.
 """
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from rollserve.bench.kernels import forward_linears, model_weights
+from rollserve.bench.cpu_kernels import forward_linears, model_weights
 from rollserve.bench.offline import read_bandwidth
 from rollserve.bench.timing import Column, best_seconds, cpu_line, print_ratio, print_table, seconds
 from rollserve.kernels.amx_linear import make_amx_linear

@@ -69,8 +69,8 @@ def run_peer(request: dict[str, Any], kv_cache_gib: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         request_file, result_file = Path(scratch, "request.json"), Path(scratch, "result.json")
         request_file.write_text(json.dumps(request))
-        # -P: the script's folder (bench/) stays off sys.path, or its kernels.py would stand
-        # in for the `kernels` package that transformers probes for.
+        # -P: the script's folder (bench/) stays off sys.path: a module there named like a
+        # package vLLM or transformers probes for would stand in for it.
         done = subprocess.run([str(python), "-P", str(Path(__file__).with_name("vllm_peer.py")),
                                str(request_file), str(result_file)],
                               env={**os.environ, **settings}, capture_output=True, text=True)

@@ -1,8 +1,8 @@
 """Native-kernel microbenchmarks, one subcommand each, against the paths the kernels replace.
 
-    python -m rollserve.bench.kernels sampling --batch 128 --vocab 151936
-    python -m rollserve.bench.kernels linear --rows 1 8 16 32 64
-    python -m rollserve.bench.kernels dtypes --rows 1 16 64
+    python -m rollserve.bench.cpu_kernels sampling --batch 128 --vocab 151936
+    python -m rollserve.bench.cpu_kernels linear --rows 1 8 16 32 64
+    python -m rollserve.bench.cpu_kernels dtypes --rows 1 16 64
 
 sampling: `sample()` on random bf16 logits, greedy and at temperature 1 (no top-k, top-p or
 min-p: the batches the kernel serves), the native kernel built for each instruction set this
@@ -150,7 +150,7 @@ def _dtype_rows(weights: dict[torch.dtype, Weights], row_counts: list[int],
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m rollserve.bench.kernels",
+    parser = argparse.ArgumentParser(prog="python -m rollserve.bench.cpu_kernels",
                                      description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(required=True, metavar="KERNEL")
     sampling = commands.add_parser("sampling", help="native sampling vs the PyTorch path")
