@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import psutil
 import pytest
 
 from rollserve.utils.process import free_port
@@ -152,3 +153,12 @@ def llama_server(tiny_model_factory, tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+def tp_ranks(server_pid: int) -> list[psutil.Process]:
+    """The TP ranks under a server: spawned children of its spawned engine process."""
+    def spawned(process: psutil.Process) -> bool:
+        return "spawn_main" in " ".join(process.cmdline())
+
+    return [p for p in psutil.Process(server_pid).children(recursive=True)
+            if spawned(p) and spawned(p.parent())]

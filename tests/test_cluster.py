@@ -9,6 +9,7 @@ import time
 import psutil
 import pytest
 import requests
+from conftest import tp_ranks
 from omegaconf import OmegaConf
 
 from rollserve.client import InferenceHTTPClient
@@ -155,6 +156,28 @@ def test_killed_engine_is_visible_and_the_fleet_keeps_serving_then_shutdown_is_c
     for url in [*urls, router_group.get_router_url().wait()[0]]:
         with pytest.raises(requests.ConnectionError):
             requests.get(url + "/health", proxies=NO_PROXY, timeout=5)
+
+
+def test_a_tp2_config_launches_engines_of_two_ranks_and_a_lost_rank_shows_in_health(
+        local_ray, llama_path, tmp_path) -> None:
+    """Seed 004's config with tensor_parallel_size: 2: on 2 cores, one engine of two ranks
+    (one core each)."""
+    cfg = fleet_config(llama_path, tmp_path, router_server_args={"tensor_parallel_size": 2})
+    server_group, router_group = launch(cfg, local_ray)
+    try:
+        [url] = server_group.get_server_url().wait()
+        info = requests.get(url + "/server_info", proxies=NO_PROXY, timeout=10).json()
+        assert info["tp_size"] == 2
+        client = InferenceHTTPClient(router_group.get_router_url().wait()[0])
+        outs = client.generate_many(prompts=[f"q{i}" for i in range(6)],
+                                    sampling_params={"max_new_tokens": 3})
+        assert all(o["meta_info"]["completion_tokens"] == 3 for o in outs)
+        [rank] = tp_ranks(server_group.get_pid().wait()[0])
+        rank.kill()
+        assert _eventually(lambda: server_group.is_healthy().wait() == [False], timeout=60)
+    finally:
+        router_group.shutdown().wait()
+        server_group.shutdown().wait()
 
 
 def test_unknown_server_key_is_refused_before_anything_starts(local_ray, llama_path,

@@ -286,6 +286,13 @@ def test_the_in_process_engine_block_prints_what_it_shows(tmp_path) -> None:
     assert_prints_what_it_shows(code, result.stdout)
 
 
+@runs('Engine("random-qwen2", tp_size=2)')
+def test_the_tensor_parallel_block_runs_two_ranks(tmp_path) -> None:
+    code = block_with('Engine("random-qwen2", tp_size=2)').code
+    result = run_code(code, "python", tmp_path, timeout=400)
+    assert result.stdout.strip()  # the generated text
+
+
 @runs("load_config(sys.argv[1:])")
 def test_the_fleet_driver_block_runs_as_a_script_with_launch_overrides(llama_path,
                                                                         tmp_path) -> None:

@@ -395,7 +395,7 @@ def test_a_dead_engine_process_aborts_requests_and_stops_the_server_with_status_
     assert server.process.wait(timeout=30) == 1
 
 
-def test_server_args_reject_unknown_keys_and_flags() -> None:
+def test_server_args_reject_unknown_keys_and_flags(llama_path) -> None:
     import subprocess
     import sys
 
@@ -403,8 +403,8 @@ def test_server_args_reject_unknown_keys_and_flags() -> None:
 
     with pytest.raises(TypeError, match="attention_backnd"):
         ServerArgs(model_path="m", attention_backnd="triton")
-    with pytest.raises(ValueError, match="tp_size"):
-        ServerArgs(model_path="m", tp_size=2)
+    with pytest.raises(ValueError, match="tp_size must be >= 1"):
+        ServerArgs(model_path=str(llama_path), tp_size=0)
     run = subprocess.run([sys.executable, "-m", "rollserve.launch_server", "--model-path", "m",
                           "--bogus-flag", "1"], capture_output=True, text=True)
     assert run.returncode == 2 and "--bogus-flag" in run.stderr

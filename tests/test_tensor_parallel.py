@@ -5,6 +5,7 @@ tp_size=2 (ranks as child processes) generates what tp_size=1 does."""
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -13,9 +14,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import free_port
+from conftest import free_port, tp_ranks
+from transformers import AutoModelForCausalLM
 
 from rollserve import Engine
+from rollserve.client import InferenceHTTPClient
 from rollserve.engine.api import EngineAPI
 from rollserve.engine.args import EngineArgs
 from rollserve.engine.engine_process import EngineProcess
@@ -24,6 +27,7 @@ from rollserve.models.config import load_model_config
 from rollserve.models.llama import CausalLM
 from rollserve.models.loader import iter_checkpoint_tensors, load_model
 from rollserve.models.parallel import SINGLE, TensorParallel, head_shard
+from rollserve.rl import RolloutService, WeightSyncError
 from rollserve.weights.group import destroy_weights_group, init_weights_group
 
 PROMPT = [3, 17, 5, 42, 8, 11, 29, 2, 7, 19, 23, 4, 9]
@@ -223,3 +227,39 @@ def test_weight_updates_reach_every_rank_of_a_tp2_engine(tiny_model_factory) -> 
         _same_outputs(whole, split)
         with Engine(str(other), tp_size=1, **options) as fresh:
             _same_outputs(fresh, split)
+
+
+# ---- seed 002: a service of tp=2 engines ------------------------------------------------------
+
+def test_a_seed_002_service_of_tp2_engines_serves_syncs_and_loses_an_engine_with_a_rank(
+        tiny_model_factory) -> None:
+    path = tiny_model_factory("llama")
+    params = {"temperature": 0.0, "max_new_tokens": 8, "ignore_eos": True}
+    prompts = [p[:6] for p in _prompts()[:8]]
+    trainer = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        for param in trainer.parameters():
+            param.mul_(0.9)
+    with Engine(str(path), dtype="float32", device="cpu", max_total_tokens=2048) as whole:
+        before = whole.generate(input_ids=prompts, sampling_params=params)
+        whole.update_weights_from_tensor(trainer.named_parameters())
+        after = whole.generate(input_ids=prompts, sampling_params=params)
+    with RolloutService.from_pretrained(str(path), tp_size=2, dp_size=2, dtype="float32",
+                                        max_total_tokens=2048) as service:
+        assert service.get_tp_size() == 2 and service.get_dp_size() == 2
+        outs = service.generate(input_ids=prompts, sampling_params=params)
+        assert [o["output_ids"] for o in outs] == [o["output_ids"] for o in before]
+        service.init_weight_update_group()  # world 1 + 2 + 2: every rank of both engines
+        service.update_weights(trainer.named_parameters(), weight_version="step-1")
+        outs = service.generate(input_ids=prompts, sampling_params=params)
+        assert [o["output_ids"] for o in outs] == [o["output_ids"] for o in after]
+        engine, url = service._fleet.engines[0], service._fleet.engine_urls[0]
+        tp_ranks(engine.pid)[0].kill()
+        deadline = time.monotonic() + 60
+        while engine.exit_code() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert engine.exit_code() is not None  # the server went down with its rank
+        assert not InferenceHTTPClient(url, connect_timeout=1).health()
+        with pytest.raises(WeightSyncError, match=f"engine {url} unreachable"):
+            service.shutdown()  # leaving the group names the engine that is gone
+        assert service._fleet is None  # and the rest of the fleet is stopped all the same

@@ -67,6 +67,7 @@ class Engine(EngineAPI):
         # after the requests in flight got their abort and the last pass shipped them.
         self._on_fatal: Callable[[str], None] = kwargs.pop("on_fatal", None) or (lambda _: None)
         self._fatal: str | None = None  # why the engine died, if it did
+        self._admit_lock = threading.Lock()
         args = kwargs.pop("args", None) or EngineArgs(model_path=model_path, **kwargs)
         args.validate()
         self.args = args
@@ -129,7 +130,10 @@ class Engine(EngineAPI):
         native_sampling = make_native_sampling(self.device) if native else None
         self.model.use_fused_elementwise(fused)
         self.model.use_amx_linear(amx)
-        send = None if self.tp_ranks is None else self.tp_ranks.send
+        send = None
+        if self.tp_ranks is not None:
+            send = self.tp_ranks.send
+            self.tp_ranks.watch(lambda reason: self._commands.put(lambda: self._die(reason)))
         runner = ModelRunner(forward, table, send)
         self.weights = WeightUpdater(self.model, self.device)
         self.scheduler = Scheduler(
@@ -164,14 +168,15 @@ class Engine(EngineAPI):
 
     def submit(self, inputs: list[GenerateInput], on_output: OnOutput, stream: bool) -> None:
         # on_output runs on the engine thread
-        if self._stopped.is_set():
-            raise RuntimeError(f"the engine stopped: {self._fatal}" if self._fatal
-                               else "the engine is shut down")
         reqs = [self._make_req(i, item, on_output, stream) for i, item in enumerate(inputs)]
         for req, item in zip(reqs, inputs, strict=True):
             if item.leader_index is not None:
                 req.leader = reqs[item.leader_index]
-        self._run_on_loop(lambda: [self.scheduler.add(r) for r in reqs])
+        with self._admit_lock:  # either queued before the loop's last drain, or refused
+            if self._stopped.is_set():
+                raise RuntimeError(f"the engine stopped: {self._fatal}" if self._fatal
+                                   else "the engine is shut down")
+            self._run_on_loop(lambda: [self.scheduler.add(r) for r in reqs])
 
     def abort(self, rid: str) -> None:
         self._run_on_loop(lambda: self.scheduler.abort(rid))
@@ -440,8 +445,11 @@ class Engine(EngineAPI):
                 logger.exception("engine step failed; aborting the requests in flight")
                 self.scheduler.abort_all("internal error in the engine step (see server log)")
             self._after_pass()
-        self._drain_commands(block=False)  # shutdown's abort_all: its outputs go out below
-        self._after_pass()
+        with self._admit_lock:  # shutdown's abort_all, and requests that came meanwhile
+            self._drain_commands(block=False)
+        self.scheduler.abort_all("the engine stopped: " + self._fatal if self._fatal
+                                 else "engine shut down")
+        self._after_pass()  # those outputs go out
         for _, future in self._pending_installs:
             future.set_exception(RuntimeError("engine shut down before the update applied"))
         if self.tp_ranks is not None:
@@ -450,6 +458,8 @@ class Engine(EngineAPI):
             self._on_fatal(self._fatal)
 
     def _die(self, reason: str) -> None:
+        if self._fatal is not None:  # the step and the rank watcher may both report it
+            return
         logger.error("%s: the engine stops", reason)
         self._fatal = reason
         self._stopped.set()

@@ -307,8 +307,6 @@ class EngineProcess(EngineAPI):
             self._on_exit()
 
 
-# Until the server names EngineAPI itself.
-AnyEngine = EngineAPI
 
 
 # ---- the child ----------------------------------------------------------------------------

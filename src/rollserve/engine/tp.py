@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import Connection
@@ -164,6 +166,7 @@ class TPRanks:
         self.plan = RankPlan(args, args.tp_size, free_port(), plan_cores(args.tp_size, device))
         context = multiprocessing.get_context("spawn")  # a forked torch is unsafe
         self._send_lock = threading.Lock()  # steps (engine thread) and updates (callers)
+        self._stopping = threading.Event()
         self._conns: list[Connection] = []
         self._processes = []
         for rank in range(1, self.plan.size):
@@ -220,6 +223,21 @@ class TPRanks:
         shares = [share] + [pickle.loads(conn.recv_bytes()) for conn in self._conns]
         return torch.cat(shares, dim=dim)
 
+    def watch(self, on_lost: Callable[[str], None]) -> None:
+        """Call `on_lost(reason)` (on a thread of its own) if a rank exits before `stop`: an
+        idle engine would otherwise only notice at its next step."""
+        ranks = {p.sentinel: rank for rank, p in enumerate(self._processes, start=1)}
+
+        def wait() -> None:
+            first = multiprocessing.connection.wait(list(ranks))[0]
+            if not self._stopping.is_set():
+                process = self._processes[ranks[first] - 1]
+                process.join(timeout=5)
+                on_lost(f"tensor-parallel rank {ranks[first]} exited with code "
+                        f"{process.exitcode}")
+
+        threading.Thread(target=wait, name="rollserve-tp-watch", daemon=True).start()
+
     def lost(self) -> str | None:
         """Why the group is broken (a rank has exited), or None while every rank runs."""
         for rank, process in enumerate(self._processes, start=1):
@@ -229,6 +247,7 @@ class TPRanks:
 
     def stop(self) -> None:
         """Close every pipe (each rank exits at its EOF) and wait for the ranks."""
+        self._stopping.set()
         for conn in self._conns:
             conn.close()
         for process in self._processes:

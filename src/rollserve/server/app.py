@@ -10,7 +10,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 import rollserve
-from rollserve.engine.engine_process import AnyEngine
+from rollserve.engine.api import EngineAPI
 from rollserve.server import admin, native, openai_api, weights_api
 from rollserve.server.args import ServerArgs
 from rollserve.server.errors import RequestError, request_error_handler
@@ -18,7 +18,7 @@ from rollserve.server.guard import GuardMiddleware
 from rollserve.server.state import ServerState
 
 
-def build_app(engine: AnyEngine, args: ServerArgs) -> FastAPI:
+def build_app(engine: EngineAPI, args: ServerArgs) -> FastAPI:
     app = FastAPI(title="rollserve", version=rollserve.__version__)
     app.state.server = ServerState.create(engine, args)
     app.add_middleware(GuardMiddleware, api_key=args.api_key,

@@ -35,12 +35,6 @@ class ServerArgs(EngineArgs):
     max_request_bytes: int = 32 * 2**20
 
     def __post_init__(self) -> None:
-        # The engine runs TP ranks, but the server does not serve them yet.
-        if self.tp_size != 1:
-            raise ValueError(
-                f"tp_size={self.tp_size}: tensor parallelism is not implemented yet; use 1 "
-                "(scale out with more engines behind the router instead)"
-            )
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         self.preferred_sampling_defaults()  # validates the JSON early

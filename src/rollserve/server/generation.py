@@ -13,7 +13,7 @@ import orjson
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from rollserve.engine.engine_process import AnyEngine
+from rollserve.engine.api import EngineAPI
 from rollserve.engine.validation import GenerateInput
 from rollserve.server.errors import RequestError
 
@@ -23,7 +23,7 @@ Update = tuple[int, dict[str, Any], bool]  # (input index, output so far, finish
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-def prepare(engine: AnyEngine, *args: Any, **kwargs: Any) -> tuple[bool, list[GenerateInput]]:
+def prepare(engine: EngineAPI, *args: Any, **kwargs: Any) -> tuple[bool, list[GenerateInput]]:
     """engine.prepare, its validation errors as 400s. Only these: any other ValueError is a
     bug, answered 500 and logged by GuardMiddleware."""
     try:
@@ -32,7 +32,7 @@ def prepare(engine: AnyEngine, *args: Any, **kwargs: Any) -> tuple[bool, list[Ge
         raise RequestError(str(exc)) from exc
 
 
-async def updates(request: Request, engine: AnyEngine, inputs: list[GenerateInput],
+async def updates(request: Request, engine: EngineAPI, inputs: list[GenerateInput],
                   stream: bool) -> AsyncIterator[Update]:
     """Engine updates for `inputs`; aborts them when the client goes away. One watcher task
     per HTTP request waits for the disconnect: per-update polling cost a task and a timer
@@ -47,7 +47,7 @@ async def updates(request: Request, engine: AnyEngine, inputs: list[GenerateInpu
         await engine_updates.aclose()  # aborts whatever is still running
 
 
-async def _abort_on_disconnect(request: Request, engine: AnyEngine,
+async def _abort_on_disconnect(request: Request, engine: EngineAPI,
                                inputs: list[GenerateInput]) -> None:
     # Anything before the disconnect is body the handler did not read (a GET's empty one).
     # uvicorn also reports a disconnect once the response is complete, by which time this
@@ -58,7 +58,7 @@ async def _abort_on_disconnect(request: Request, engine: AnyEngine,
         engine.abort(item.rid)
 
 
-async def collect(request: Request, engine: AnyEngine, inputs: list[GenerateInput]
+async def collect(request: Request, engine: EngineAPI, inputs: list[GenerateInput]
                   ) -> list[dict[str, Any]] | None:
     """Final outputs, or None when the client went away (its requests were aborted)."""
     outputs: list[dict[str, Any]] = [{} for _ in inputs]

@@ -17,7 +17,8 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from rollserve.engine.engine_process import LOG_FORMAT, AnyEngine, EngineProcess
+from rollserve.engine.api import EngineAPI
+from rollserve.engine.engine_process import LOG_FORMAT, EngineProcess
 from rollserve.server.app import build_app
 from rollserve.server.args import ServerArgs
 
@@ -25,7 +26,7 @@ logger = logging.getLogger("rollserve.server")
 
 
 class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, engine: AnyEngine) -> None:
+    def __init__(self, config: uvicorn.Config, engine: EngineAPI) -> None:
         super().__init__(config)
         self.engine = engine
         self.warm_up_failed = False

@@ -9,13 +9,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from rollserve.engine.engine_process import AnyEngine
+from rollserve.engine.api import EngineAPI
 
 PREFIX = "rollserve:"
 
 
 class EngineCollector(Collector):
-    def __init__(self, engine: AnyEngine) -> None:
+    def __init__(self, engine: EngineAPI) -> None:
         self.engine = engine
 
     def collect(self) -> Iterator:
@@ -45,7 +45,7 @@ def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
 class ServerMetrics:
     """One registry per server (no process-global metric state)."""
 
-    def __init__(self, engine: AnyEngine) -> None:
+    def __init__(self, engine: EngineAPI) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(EngineCollector(engine))
 

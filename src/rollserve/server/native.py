@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import model_validator
 
-from rollserve.engine.engine_process import AnyEngine
+from rollserve.engine.api import EngineAPI
 from rollserve.engine.sampling_params import SAMPLING_FIELDS
 from rollserve.engine.validation import GenerateInput
 from rollserve.server.bodies import Invalid, JsonBody, RequestBody, invalid
@@ -111,7 +111,7 @@ async def generate(request: Request, state: State,
     return JSONResponse(outputs[0] if single else outputs)
 
 
-async def _stream(request: Request, engine: AnyEngine, inputs: list[GenerateInput],
+async def _stream(request: Request, engine: EngineAPI, inputs: list[GenerateInput],
                   single: bool) -> AsyncIterator[bytes]:
     async for index, output, _finished in updates(request, engine, inputs, stream=True):
         yield sse(output if single else {**output, "index": index})

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from rollserve.engine.engine_process import AnyEngine
+from rollserve.engine.api import EngineAPI
 from rollserve.engine.validation import GenerateInput
 from rollserve.server import openai_protocol as protocol
 from rollserve.server.bodies import JsonBody
@@ -92,7 +92,7 @@ def _completion_choice(index: int, output: dict[str, Any], logprobs: bool) -> di
     }
 
 
-async def _stream_chat(request: Request, engine: AnyEngine, inputs: list[GenerateInput],
+async def _stream_chat(request: Request, engine: EngineAPI, inputs: list[GenerateInput],
                        body: AnyRequest, model: str, n: int) -> AsyncIterator[bytes]:
     chunk_id, created = protocol.new_id("chatcmpl"), protocol.now()
 
@@ -125,7 +125,7 @@ async def _stream_chat(request: Request, engine: AnyEngine, inputs: list[Generat
     yield SSE_DONE
 
 
-async def _stream_completion(request: Request, engine: AnyEngine, inputs: list[GenerateInput],
+async def _stream_completion(request: Request, engine: EngineAPI, inputs: list[GenerateInput],
                              body: AnyRequest, model: str, n: int) -> AsyncIterator[bytes]:
     chunk_id, created = protocol.new_id("cmpl"), protocol.now()
     sent_text, sent_tokens = [0] * len(inputs), [0] * len(inputs)

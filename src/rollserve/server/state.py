@@ -10,14 +10,14 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from rollserve.engine.engine_process import AnyEngine
+from rollserve.engine.api import EngineAPI
 from rollserve.server.args import ServerArgs, is_inline_template
 from rollserve.server.metrics import ServerMetrics
 
 
 @dataclass(slots=True)
 class ServerState:
-    engine: AnyEngine
+    engine: EngineAPI
     args: ServerArgs
     chat_template: str | None
     sampling_defaults: dict[str, Any]
@@ -26,7 +26,7 @@ class ServerState:
     started: float = field(default_factory=time.time)
 
     @classmethod
-    def create(cls, engine: AnyEngine, args: ServerArgs) -> ServerState:
+    def create(cls, engine: EngineAPI, args: ServerArgs) -> ServerState:
         return cls(engine, args, _load_chat_template(args.chat_template),
                    args.preferred_sampling_defaults(),
                    ServerMetrics(engine) if args.enable_metrics else None)

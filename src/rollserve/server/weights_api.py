@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 from pydantic import model_validator
 
-from rollserve.engine.engine_process import AnyEngine
+from rollserve.engine.api import EngineAPI
 from rollserve.server.bodies import JsonBody, QueryParams, RequestBody, invalid
 from rollserve.server.errors import RequestError
 from rollserve.server.state import State
@@ -197,7 +197,7 @@ async def post_weights_by_name(
     return await _weights_by_name(state.engine, body)
 
 
-async def _weights_by_name(engine: AnyEngine, request: WeightsByNameRequest) -> JSONResponse:
+async def _weights_by_name(engine: EngineAPI, request: WeightsByNameRequest) -> JSONResponse:
     try:
         values = await asyncio.to_thread(engine.get_weights_by_name, name=request.name,
                                          truncate_size=request.truncate_size)
@@ -212,7 +212,7 @@ async def get_weights_metadata(state: State) -> JSONResponse:
     return JSONResponse(await asyncio.to_thread(_weights_metadata, state.engine))
 
 
-def _weights_metadata(engine: AnyEngine) -> dict[str, Any]:
+def _weights_metadata(engine: EngineAPI) -> dict[str, Any]:
     return {**engine.weights_metadata(), "weight_version": engine.weight_version}
 
 
