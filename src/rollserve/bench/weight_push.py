@@ -2,7 +2,7 @@
 servers, next to a bare `torch.distributed.broadcast` of the same tensors in a group of the
 same size (1 trainer + 2 receiver processes), interleaved in one run.
 
-    python -m rollserve.bench.weight_sync --preset qwen2.5-0.5b --repeats 5
+    python -m rollserve.bench.weight_push --preset qwen2.5-0.5b --repeats 5
 
 A push is timed from the first POST to the last engine's answer: validation, the HTTP round
 trips, the broadcast and installing the weights, after which the engines serve them. The
@@ -51,7 +51,7 @@ def _median(values: list[float]) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m rollserve.bench.weight_sync",
+    parser = argparse.ArgumentParser(prog="python -m rollserve.bench.weight_push",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="qwen2.5-0.5b")
     parser.add_argument("--repeats", type=int, default=5)
