@@ -263,3 +263,28 @@ def test_a_seed_002_service_of_tp2_engines_serves_syncs_and_loses_an_engine_with
         with pytest.raises(WeightSyncError, match=f"engine {url} unreachable"):
             service.shutdown()  # leaving the group names the engine that is gone
         assert service._fleet is None  # and the rest of the fleet is stopped all the same
+
+
+def test_a_tp2_engine_streams_samples_n_and_gives_tp1s_top_logprobs(tiny_model_factory) -> None:
+    path = tiny_model_factory("qwen3")
+    greedy = {"temperature": 0.0, "max_new_tokens": 6, "ignore_eos": True}
+    results = {}
+    for tp_size in (1, 2):
+        with Engine(str(path), dtype="float32", device="cpu", max_total_tokens=2048,
+                    tp_size=tp_size) as engine:
+            samples = engine.generate(input_ids=[3, 14, 15], sampling_params={**greedy, "n": 2},
+                                      return_logprob=True, top_logprobs_num=3)
+            engine.pause_generation("retract")
+            engine.continue_generation()
+            *_, (_, streamed, finished) = engine.stream(input_ids=[3, 14, 15],
+                                                        sampling_params=greedy)
+            assert finished
+            results[tp_size] = samples, streamed
+    (whole, whole_stream), (split, split_stream) = results[1], results[2]
+    assert split_stream["output_ids"] == whole_stream["output_ids"] == whole[0]["output_ids"]
+    for a, b in zip(whole, split, strict=True):
+        assert a["output_ids"] == b["output_ids"]
+        for x, y in zip(a["meta_info"]["output_top_logprobs"],
+                        b["meta_info"]["output_top_logprobs"], strict=True):
+            assert [t[1] for t in x] == [t[1] for t in y]
+            assert max(abs(p[0] - q[0]) for p, q in zip(x, y, strict=True)) < 1e-4
