@@ -12,7 +12,6 @@ gets its finish (an abort) and every pending call raises.
 
 from __future__ import annotations
 
-import atexit
 import concurrent.futures
 import itertools
 import logging
@@ -72,12 +71,8 @@ class EngineProcess(EngineAPI):
         self.args = args
         context = multiprocessing.get_context("spawn")  # a forked torch is unsafe
         self._conn, child_conn = context.Pipe()
-        # Not a daemon: a daemon may not start processes, and a tp_size > 1 engine starts its
-        # ranks. The child never outlives this process anyway: it stops at the pipe's EOF,
-        # and an interpreter exit shuts it down (the atexit hook below) before
-        # multiprocessing joins its children.
         self._process = context.Process(target=_serve, args=(args, child_conn, log_level),
-                                        name="rollserve-engine")
+                                        name="rollserve-engine", daemon=True)
         self._process.start()
         child_conn.close()  # the child's end lives in the child only: its exit is our EOF
         info = self._await_start()
@@ -103,7 +98,6 @@ class EngineProcess(EngineAPI):
         self._reader = threading.Thread(target=self._read, name="rollserve-engine-reader",
                                         daemon=True)
         self._reader.start()
-        atexit.register(self.shutdown)
 
     def _await_start(self) -> msg.Ready:
         try:
@@ -222,7 +216,6 @@ class EngineProcess(EngineAPI):
             if self._closing:
                 return
             self._closing = True
-        atexit.unregister(self.shutdown)
         self._send(msg.Shutdown(), required=False)
         self._reader.join(timeout=60)  # it ends once the child has exited and been reaped
         if self._reader.is_alive():
@@ -319,6 +312,10 @@ def _serve(args: EngineArgs, conn: Connection, log_level: int) -> None:
     # the parent dies instead, the pipe's EOF stops the engine.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # The parent started this process as a daemon (it is terminated when the parent exits);
+    # that flag matters to the parent only, but multiprocessing also refuses a daemon's own
+    # children, and a tp_size > 1 engine starts its ranks from here.
+    multiprocessing.current_process().daemon = False
     logging.basicConfig(level=log_level, format=LOG_FORMAT)
     outputs: list[Output] = []  # engine thread only
 
