@@ -16,6 +16,7 @@ import threading
 
 import hydra
 from omegaconf import DictConfig
+from ray.exceptions import GetTimeoutError
 
 from rollserve.cluster import Cluster, ComponentPlacement, launch_router_and_servers
 from rollserve.cluster.config import CONFIG_NAME, register_resolvers
@@ -49,8 +50,18 @@ def run(cfg: DictConfig) -> None:
     finally:
         for group in (router, servers):
             if group is not None:
-                group.shutdown().wait()
+                _stop(group)
         cluster.shutdown()
+
+
+def _stop(group: RouterGroup | ServerGroup) -> None:
+    """Stop a group's processes, waiting a bounded time: after a Ctrl-C to the whole process
+    group, Ray itself may be going down, and its answers may never come (the processes have
+    Linux's parent-death signal, so they stop with their Ray workers anyway)."""
+    try:
+        group.shutdown().wait(timeout=40)
+    except GetTimeoutError:
+        print(f"{group.name}: no answer from Ray within 40 s while stopping", file=sys.stderr)
 
 
 def print_status(servers: ServerGroup | None, router: RouterGroup | None) -> None:
