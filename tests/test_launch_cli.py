@@ -26,10 +26,12 @@ def driver(llama_path, tmp_path):
     """start(*overrides) -> (process, printed lines up to 'serving'); killed at teardown."""
     started: list[subprocess.Popen] = []
 
-    def start(*overrides: str) -> tuple[subprocess.Popen, list[str]]:
+    def start(*overrides: str, sigint_ignored: bool = False) -> tuple[subprocess.Popen,
+                                                                       list[str]]:
         process = subprocess.Popen(launch_command(llama_path, tmp_path, *overrides),
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                   preexec_fn=_ignore_sigint if sigint_ignored else None)
         started.append(process)
         lines = []
         for line in process.stdout:
@@ -70,9 +72,16 @@ def test_demo_from_a_user_yaml_prints_the_status_table_and_a_summary(llama_path,
     assert int(summary[1]) + int(summary[2]) == 24
 
 
+def _ignore_sigint() -> None:
+    """What a shell does to a script's background job (`rollserve launch &`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# SIGINT is sent to a driver that inherited it ignored: Ctrl-C / kill -INT must stop it all
+# the same (a driver that inherited the default is the README test's case).
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])
 def test_stopping_the_driver_leaves_no_engine_or_router_behind(driver, how) -> None:
-    process, lines = driver()
+    process, lines = driver(sigint_ignored=how == signal.SIGINT)
     urls = re.findall(r"http://127\.0\.0\.1:\d+", "".join(lines))
     assert len(urls) == 3  # two engines and the router
     assert all(requests.get(u + "/health", proxies=NO_PROXY, timeout=5).ok for u in urls[:2])

@@ -95,6 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry: Hydra reads its overrides from sys.argv."""
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
+    # Ctrl-C (SIGINT) stops the fleet even where the driver inherited it ignored: a shell
+    # starts a script's background jobs (`rollserve launch &`) with SIGINT ignored, and
+    # Python then never raises KeyboardInterrupt; uvicorn and SGLang's servers do the same.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     _hydra_main()
 
 
