@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import torch.distributed as dist
@@ -160,6 +161,40 @@ def test_a_rank_that_dies_stops_the_engine_with_the_reason(tiny_model_factory) -
         assert "tensor-parallel rank 1 exited" in out["meta_info"]["finish_reason"]["message"]
         with pytest.raises(RuntimeError, match="the engine stopped: tensor-parallel rank 1"):
             engine.generate(input_ids=[1, 2, 3], sampling_params=params)
+
+
+def test_a_rank_that_dies_mid_step_stops_the_engine_with_the_reason(tiny_model_factory) -> None:
+    """The rank dies while rank 0 waits for it in a collective (shared memory): rank 0 gives
+    up instead of waiting forever, and the request in flight ends with the reason."""
+    params = {"temperature": 0.0, "max_new_tokens": 2000, "ignore_eos": True}
+    with Engine(str(tiny_model_factory("qwen2")), dtype="float32", device="cpu",
+                max_total_tokens=4096, tp_size=2) as engine:
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(engine.generate, input_ids=[[1, 2, 3]] * 16,
+                                  sampling_params=params)
+            time.sleep(0.5)  # decoding: both ranks step in lockstep
+            assert not pending.done()
+            engine.tp_ranks._processes[0].kill()
+            outs = pending.result(timeout=60)
+        for out in outs:
+            assert out["meta_info"]["finish_reason"]["type"] == "abort"
+            assert "tensor-parallel rank 1 exited" in out["meta_info"]["finish_reason"]["message"]
+
+
+def test_a_rank_that_dies_at_start_fails_the_start_with_the_reason(tiny_model_factory) -> None:
+    before = {p.pid for p in psutil.Process().children()}
+    with ThreadPoolExecutor(1) as pool:
+        starting = pool.submit(Engine, str(tiny_model_factory("qwen2")), dtype="float32",
+                               device="cpu", max_total_tokens=1024, tp_size=2)
+        deadline = time.monotonic() + 60
+        while not (new := [p for p in psutil.Process().children() if p.pid not in before]):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        new[0].kill()  # rank 1, still importing torch: long before it joins the group
+        with pytest.raises(RuntimeError, match=r"tensor-parallel rank 1 exited with code -9 "
+                                               r"while starting"):
+            starting.result(timeout=120)
+    assert {p.pid for p in psutil.Process().children()} <= before
 
 
 # ---- weight updates into a tp=2 engine -------------------------------------------------------

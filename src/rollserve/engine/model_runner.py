@@ -145,8 +145,9 @@ class ModelRunner:
             decode_slots = table[rows, : max(lens)]
         extends, offset = [], len(batch.decodes)
         for chunk in batch.extends:
+            # a copy, not a view: a view would pickle the whole table to every TP rank
             extends.append(ExtendInput(offset, chunk.start, chunk.end,
-                                       table[chunk.req.table_row, : chunk.end]))
+                                       table[chunk.req.table_row, : chunk.end].clone()))
             offset += chunk.size
         return ForwardInputs(input_ids, positions, out_slots, decode_slots, kv_lens, extends,
                              logit_rows)

@@ -10,6 +10,10 @@ fails or dies first fails the start with its reason. A rank exits when its pipe 
 rank outlives rank 0. A rank that dies later breaks the next collective, which fails the
 engine's step (and so the engine).
 
+Within a step the ranks' collectives go through a shared-memory region (kernels/
+shm_collectives.py) where the native kernels are built, else through the gloo group. Rank 0
+creates the region's file and unlinks it once every rank has mapped it.
+
 Pipes carry steps, not the group, because a rank waits between steps for as long as the
 engine is idle, longer than any collective's timeout should be. They also carry weight
 updates, in order with the steps: each rank joins the trainer's weight-sync group itself (at
@@ -33,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import torch
 
@@ -40,8 +45,10 @@ from rollserve.engine.args import EngineArgs
 from rollserve.engine.kv_pool import KVPool
 from rollserve.engine.messages import RemoteError
 from rollserve.engine.model_runner import ForwardInputs, RankForward
+from rollserve.kernels import build
 from rollserve.kernels.decode_attention import make_decode_attention
 from rollserve.kernels.elementwise import make_fused_elementwise
+from rollserve.kernels.shm_collectives import GroupBroken, SharedMemoryGroup, create_region
 from rollserve.models.config import ModelConfig, load_model_config
 from rollserve.models.llama import CausalLM
 from rollserve.models.loader import iter_checkpoint_tensors, load_model, resolve_dtype
@@ -69,6 +76,7 @@ class RankPlan:
     size: int
     port: int  # rank 0 hosts the group's TCP store here
     cores: tuple[tuple[int, ...], ...] | None  # per rank (CPU); None: leave threads as they are
+    shm_path: str | None  # the collectives' shared-memory region; None: gloo only
 
 
 @dataclass(slots=True, frozen=True)
@@ -163,25 +171,29 @@ class TPRanks:
         if device.type != "cpu":
             raise ValueError("tp_size > 1 runs on CPU so far (gloo); use tp_size=1 on CUDA")
         exit_if_importing_main()
-        self.plan = RankPlan(args, args.tp_size, free_port(), plan_cores(args.tp_size, device))
+        cores = plan_cores(args.tp_size, device)
+        shm_path, shm = _shared_memory(args, device, resolve_dtype(args.dtype, config, device))
+        self.plan = RankPlan(args, args.tp_size, free_port(), cores, shm_path)
         context = multiprocessing.get_context("spawn")  # a forked torch is unsafe
+        self._shm = shm
         self._send_lock = threading.Lock()  # steps (engine thread) and updates (callers)
         self._stopping = threading.Event()
         self._conns: list[Connection] = []
         self._processes = []
-        for rank in range(1, self.plan.size):
-            conn, child = context.Pipe()
-            process = context.Process(target=_rank_main, args=(self.plan, rank, child),
-                                      name=f"rollserve-tp-rank-{rank}", daemon=True)
-            process.start()
-            child.close()  # the child's end lives in the child: its exit is our EOF
-            self._conns.append(conn)
-            self._processes.append(process)
-        if self.plan.cores is not None:
-            use_cores(self.plan.cores[0])
         try:
-            self._hear_from_all()  # Joining
-            self.tp = TensorParallel(0, self.plan.size, _join(self.plan, 0))
+            for rank in range(1, self.plan.size):
+                conn, child = context.Pipe()
+                process = context.Process(target=_rank_main, args=(self.plan, rank, child),
+                                          name=f"rollserve-tp-rank-{rank}", daemon=True)
+                process.start()
+                child.close()  # the child's end lives in the child: its exit is our EOF
+                self._conns.append(conn)
+                self._processes.append(process)
+            if self.plan.cores is not None:
+                use_cores(self.plan.cores[0])
+            self._hear_from_all()  # Joining: each rank has mapped the region
+            self._unlink_region()
+            self.tp = TensorParallel(0, self.plan.size, _join(self.plan, 0), shm)
         except BaseException:
             self.stop()
             raise
@@ -231,6 +243,7 @@ class TPRanks:
         def wait() -> None:
             first = multiprocessing.connection.wait(list(ranks))[0]
             if not self._stopping.is_set():
+                self._abort_collectives()  # ranks waiting for the lost one give up
                 process = self._processes[ranks[first] - 1]
                 process.join(timeout=5)
                 on_lost(f"tensor-parallel rank {ranks[first]} exited with code "
@@ -246,8 +259,11 @@ class TPRanks:
         return None
 
     def stop(self) -> None:
-        """Close every pipe (each rank exits at its EOF) and wait for the ranks."""
+        """Close every pipe (each rank exits at its EOF, or gives up a collective it waits
+        in) and wait for the ranks."""
         self._stopping.set()
+        self._abort_collectives()
+        self._unlink_region()
         for conn in self._conns:
             conn.close()
         for process in self._processes:
@@ -255,6 +271,14 @@ class TPRanks:
             if process.is_alive():
                 process.kill()
                 process.join()
+
+    def _abort_collectives(self) -> None:
+        if self._shm is not None:
+            self._shm.abort()
+
+    def _unlink_region(self) -> None:
+        if self.plan.shm_path is not None:
+            Path(self.plan.shm_path).unlink(missing_ok=True)
 
     def _receive(self, rank: int, conn: Connection) -> object:
         try:
@@ -267,6 +291,33 @@ class TPRanks:
                 raise RuntimeError(unguarded_main_message("the tp_size > 1 Engine")) from None
             raise RuntimeError(f"tensor-parallel rank {rank} exited with code "
                                f"{process.exitcode} while starting (its log is above)") from None
+
+
+def _shared_memory(args: EngineArgs, device: torch.device, dtype: torch.dtype
+                   ) -> tuple[str | None, SharedMemoryGroup | None]:
+    """Rank 0's shared-memory region (its path and rank 0's end), or (None, None) where the
+    collectives go through gloo: native kernels off or unavailable here."""
+    isa = None if args.disable_native_kernels else build.native_isa(device, dtype)
+    if isa is None:
+        return None, None
+    path = create_region(args.tp_size)
+    try:
+        return path, SharedMemoryGroup(path, 0, args.tp_size, dtype, isa, os.getpid())
+    except build.KernelBuildError as exc:
+        Path(path).unlink()
+        logger.warning("shared-memory collectives unavailable, the ranks use gloo: %s", exc)
+        return None, None
+
+
+def _map_region(plan: RankPlan, rank: int) -> SharedMemoryGroup | None:
+    """Rank `rank`'s end of rank 0's region (its parent is rank 0)."""
+    if plan.shm_path is None:
+        return None
+    config = load_model_config(plan.args.model_path)
+    device = torch.device("cpu")
+    dtype = resolve_dtype(plan.args.dtype, config, device)
+    isa = build.native_isa(device, dtype)
+    return SharedMemoryGroup(plan.shm_path, rank, plan.size, dtype, isa, os.getppid())
 
 
 def _join(plan: RankPlan, rank: int) -> torch.distributed.ProcessGroup:
@@ -335,8 +386,9 @@ def _rank_main(plan: RankPlan, rank: int, conn: Connection) -> None:
         use_cores(plan.cores[rank])
     device = torch.device("cpu")
     try:
+        shm = _map_region(plan, rank)
         conn.send_bytes(pickle.dumps(Joining()))
-        tp = TensorParallel(rank, plan.size, _join(plan, rank))
+        tp = TensorParallel(rank, plan.size, _join(plan, rank), shm)
         model, config = load_share(plan.args, tp, device)
         conn.send_bytes(pickle.dumps(Loaded()))
         tokens = pickle.loads(conn.recv_bytes()).tokens
@@ -346,4 +398,7 @@ def _rank_main(plan: RankPlan, rank: int, conn: Connection) -> None:
     except BaseException as exc:
         conn.send_bytes(pickle.dumps(RemoteError.capture(exc)))
         return
-    _serve_rank(conn, forward, WeightUpdater(model, device), tp)
+    try:
+        _serve_rank(conn, forward, WeightUpdater(model, device), tp)
+    except GroupBroken:
+        logger.info("tensor-parallel rank %d: the group broke (a rank exited); exiting", rank)

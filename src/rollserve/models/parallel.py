@@ -19,28 +19,38 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from rollserve.kernels.shm_collectives import SharedMemoryGroup
 from rollserve.models.config import ModelConfig
 
 
 @dataclass(slots=True, frozen=True)
 class TensorParallel:
     """This rank's place in its engine's tensor-parallel group. `group` is None exactly when
-    `size` is 1: then no collective runs and every weight is whole."""
+    `size` is 1: then no collective runs and every weight is whole. With `shm` (ranks of one
+    machine, native kernels built), collectives of its dtype go through shared memory, the
+    rest through `group`; every rank makes the same choice for the same collective, as all
+    run the same forward."""
 
     rank: int = 0
     size: int = 1
     group: dist.ProcessGroup | None = None
+    shm: SharedMemoryGroup | None = None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over the ranks, in place."""
-        if self.size > 1:
-            dist.all_reduce(x, group=self.group)
+        if self.size == 1:
+            return x
+        if self.shm is not None and x.dtype == self.shm.dtype and x.is_contiguous():
+            return self.shm.all_reduce(x)
+        dist.all_reduce(x, group=self.group)
         return x
 
     def all_gather_columns(self, x: torch.Tensor) -> torch.Tensor:
         """[rows, cols] on every rank -> [rows, size * cols], rank order."""
         if self.size == 1:
             return x
+        if self.shm is not None and self.shm.fits_row(x):
+            return self.shm.all_gather_columns(x)
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
