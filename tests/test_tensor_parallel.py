@@ -120,9 +120,9 @@ def _prompts() -> list[list[int]]:
     return [shared + [7 + i, 19, 33 + 2 * i][: 1 + i % 3] * (2 + i) for i in range(16)]
 
 
-def _generate(path: Path, tp_size: int) -> list[dict]:
+def _generate(path: Path, tp_size: int, device: str = "cpu") -> list[dict]:
     params = {"temperature": 0.0, "max_new_tokens": 12, "ignore_eos": True}
-    with Engine(str(path), dtype="float32", device="cpu", max_total_tokens=4096,
+    with Engine(str(path), dtype="float32", device=device, max_total_tokens=4096,
                 tp_size=tp_size, chunked_prefill_size=24) as engine:
         first = engine.generate(input_ids=_prompts()[0], sampling_params=params)
         outputs = engine.generate(input_ids=_prompts(), sampling_params=params,
@@ -141,6 +141,27 @@ def test_a_tp2_engine_generates_the_tp1_tokens_and_logprobs(preset, tiny_model_f
         pairs = zip(a["meta_info"]["output_token_logprobs"],
                     b["meta_info"]["output_token_logprobs"], strict=True)
         assert max(abs(x[0] - y[0]) for x, y in pairs) < 1e-4
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_a_tp2_engine_on_two_gpus_generates_the_tp1_tokens_and_logprobs(
+        tiny_model_factory) -> None:
+    path = tiny_model_factory("qwen2")
+    whole, split = _generate(path, 1, "cuda"), _generate(path, 2, "cuda")
+    for a, b in zip(whole, split, strict=True):
+        assert a["output_ids"] == b["output_ids"]
+        pairs = zip(a["meta_info"]["output_token_logprobs"],
+                    b["meta_info"]["output_token_logprobs"], strict=True)
+        assert max(abs(x[0] - y[0]) for x, y in pairs) < 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_tp_size_beyond_the_visible_gpus_is_refused(tiny_model_factory) -> None:
+    gpus = torch.cuda.device_count()
+    with pytest.raises(ValueError, match=rf"tp_size={gpus + 1} from GPU 0 needs GPUs "
+                                         rf"0..{gpus}, but this process sees {gpus}"):
+        Engine(str(tiny_model_factory("qwen2")), device="cuda", max_total_tokens=256,
+               tp_size=gpus + 1)
 
 
 def test_a_tp_size_without_a_core_per_rank_is_refused(tiny_model_factory, monkeypatch) -> None:

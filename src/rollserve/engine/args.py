@@ -21,6 +21,8 @@ class EngineArgs:
     tp_size: int = 1
     dtype: str = "auto"  # auto (the checkpoint's), bfloat16, float16, float32
     device: str = "auto"  # auto (cuda when present), cpu, cuda
+    # CUDA: rank 0 runs on GPU base_gpu_id, rank r on base_gpu_id + r (SGLang's name).
+    base_gpu_id: int = 0
     mem_fraction_static: float | None = None  # default 0.85 on CUDA, 0.3 of free RAM on CPU
     max_total_tokens: int | None = None  # KV pool size in tokens; overrides the fraction
     max_running_requests: int = 256
@@ -54,6 +56,8 @@ class EngineArgs:
             raise ValueError(f"max_total_tokens must be >= 2, got {self.max_total_tokens}")
         if self.context_length is not None and self.context_length < 2:
             raise ValueError(f"context_length must be >= 2, got {self.context_length}")
+        if self.base_gpu_id < 0:
+            raise ValueError(f"base_gpu_id must be >= 0, got {self.base_gpu_id}")
         if self.tp_size < 1:
             raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
         if self.stream_interval < 1:

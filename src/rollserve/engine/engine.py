@@ -71,7 +71,7 @@ class Engine(EngineAPI):
         args = kwargs.pop("args", None) or EngineArgs(model_path=model_path, **kwargs)
         args.validate()
         self.args = args
-        self.device = resolve_device(args.device)
+        self.device = resolve_device(args.device, args.base_gpu_id)
         if self.device.type == "cpu":
             keep_freed_memory()
         self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or args.model_path)
@@ -132,7 +132,7 @@ class Engine(EngineAPI):
         self.model.use_amx_linear(amx)
         send = None
         if self.tp_ranks is not None:
-            send = self.tp_ranks.send
+            send = self.tp_ranks.send_step
             self.tp_ranks.watch(lambda reason: self._commands.put(lambda: self._die(reason)))
         runner = ModelRunner(forward, table, send)
         self.weights = WeightUpdater(self.model, self.device)
@@ -263,7 +263,7 @@ class Engine(EngineAPI):
         tensors = list(named_tensors)
         with self._update_lock:
             self.weights.check_tensors(tensors)  # they belong to the sender: copied
-            self._tell_ranks(AddWeights(tensors))
+            self._tell_ranks(AddWeights([(name, t.cpu()) for name, t in tensors]))
             return self._apply(tensors, False, apply, flush_cache, weight_version,
                                abort_all_requests)
 
@@ -417,6 +417,8 @@ class Engine(EngineAPI):
         (BENCHMARKS.md, "Decode steps with one OpenMP team vs two"). Loading on the caller's
         thread left its team behind for the life of the process."""
         try:
+            if self.device.type == "cuda":  # the GPU of this thread's kernels (and NCCL's)
+                torch.cuda.set_device(self.device)
             self._build_model()
         except BaseException as exc:
             built.set_exception(exc)

@@ -75,6 +75,18 @@ class ForwardInputs:
     def num_decode(self) -> int:
         return 0 if self.decode_kv_lens is None else self.decode_kv_lens.numel()
 
+    def to(self, device: torch.device) -> ForwardInputs:
+        """These inputs on `device` (itself where they are there already): the pipe to the
+        other ranks carries them on the CPU, each rank moves them to its own GPU."""
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        extends = [ExtendInput(e.first_row, e.start, e.end, move(e.kv_slots))
+                   for e in self.extends]
+        return ForwardInputs(move(self.input_ids), move(self.positions), move(self.out_slots),
+                             move(self.decode_kv_slots), move(self.decode_kv_lens), extends,
+                             move(self.logit_rows))
+
 
 @dataclass(slots=True)
 class StepLogits:

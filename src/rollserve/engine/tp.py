@@ -3,7 +3,7 @@
 Rank 0 is the engine itself (scheduler, radix cache, sampling); every rank holds its share of
 the model and a KV pool of its own KV heads over the same slots. Each step rank 0 sends the
 step's `ForwardInputs` to every other rank over a pipe, and all ranks run the forward, whose
-collectives (a gloo group on CPU) make rank 0's logits whole.
+collectives (gloo on CPU, NCCL on CUDA) make rank 0's logits whole.
 
 Lifecycle: rank 0 starts the ranks, each loads its share and says so over its pipe; any that
 fails or dies first fails the start with its reason. A rank exits when its pipe closes: no
@@ -22,7 +22,8 @@ keeping its share, and installs what it received when rank 0 does, between the s
 steps.
 
 On CPU each rank gets its own cores: the cores this process may use, split evenly in rank
-order (tp_size=2 on 2 cores: one each).
+order (tp_size=2 on 2 cores: one each). On CUDA rank r runs on GPU base_gpu_id + r; tensors
+cross the pipes on the CPU and each rank moves them to its GPU.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class RankPlan:
     args: EngineArgs
     size: int
     port: int  # rank 0 hosts the group's TCP store here
+    devices: tuple[str, ...]  # per rank
     cores: tuple[tuple[int, ...], ...] | None  # per rank (CPU); None: leave threads as they are
     shm_path: str | None  # the collectives' shared-memory region; None: gloo only
 
@@ -144,6 +146,18 @@ class ReadWeight:
     name: str
 
 
+def plan_devices(size: int, device: torch.device) -> tuple[str, ...]:
+    """Each rank's device: the CPU for all, or consecutive GPUs from rank 0's."""
+    if device.type != "cuda":
+        return (str(device),) * size
+    first, count = device.index or 0, torch.cuda.device_count()
+    if first + size > count:
+        raise ValueError(f"tp_size={size} from GPU {first} needs GPUs {first}..{first + size - 1}"
+                         f", but this process sees {count} (CUDA_VISIBLE_DEVICES="
+                         f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+    return tuple(f"cuda:{first + r}" for r in range(size))
+
+
 def plan_cores(size: int, device: torch.device) -> tuple[tuple[int, ...], ...] | None:
     """The cores of each rank on CPU: this process's cores split evenly, in order."""
     if device.type != "cpu":
@@ -168,12 +182,10 @@ class TPRanks:
     def __init__(self, args: EngineArgs, device: torch.device) -> None:
         config = load_model_config(args.model_path)
         check_divisible(config, args.tp_size)
-        if device.type != "cpu":
-            raise ValueError("tp_size > 1 runs on CPU so far (gloo); use tp_size=1 on CUDA")
         exit_if_importing_main()
-        cores = plan_cores(args.tp_size, device)
+        devices, cores = plan_devices(args.tp_size, device), plan_cores(args.tp_size, device)
         shm_path, shm = _shared_memory(args, device, resolve_dtype(args.dtype, config, device))
-        self.plan = RankPlan(args, args.tp_size, free_port(), cores, shm_path)
+        self.plan = RankPlan(args, args.tp_size, free_port(), devices, cores, shm_path)
         context = multiprocessing.get_context("spawn")  # a forked torch is unsafe
         self._shm = shm
         self._send_lock = threading.Lock()  # steps (engine thread) and updates (callers)
@@ -228,11 +240,16 @@ class TPRanks:
                     raise RuntimeError(f"tensor-parallel rank {rank} has exited "
                                        f"(code {self._processes[rank - 1].exitcode})") from None
 
+    def send_step(self, inputs: ForwardInputs) -> None:
+        """A step's inputs, on the CPU (each rank moves them to its own device)."""
+        self.send(inputs.to(torch.device("cpu")))
+
     def gather(self, name: str, share: torch.Tensor, dim: int) -> torch.Tensor:
         """Checkpoint tensor `name` whole: rank 0's `share` and every other rank's, joined
         along `dim`. Engine thread only (the ranks answer in order)."""
         self.send(ReadWeight(name))
-        shares = [share] + [pickle.loads(conn.recv_bytes()) for conn in self._conns]
+        shares = [share] + [pickle.loads(conn.recv_bytes()).to(share.device)
+                            for conn in self._conns]
         return torch.cat(shares, dim=dim)
 
     def watch(self, on_lost: Callable[[str], None]) -> None:
@@ -321,9 +338,10 @@ def _map_region(plan: RankPlan, rank: int) -> SharedMemoryGroup | None:
 
 
 def _join(plan: RankPlan, rank: int) -> torch.distributed.ProcessGroup:
+    backend = "nccl" if plan.devices[rank].startswith("cuda") else "gloo"
     return init_weights_group(master_address="127.0.0.1", master_port=plan.port, rank=rank,
                               world_size=plan.size, group_name=f"tp-{plan.port}",
-                              timeout=START_TIMEOUT)
+                              backend=backend, timeout=START_TIMEOUT)
 
 
 def load_share(args: EngineArgs, tp: TensorParallel, device: torch.device
@@ -341,7 +359,7 @@ def load_share(args: EngineArgs, tp: TensorParallel, device: torch.device
 def _serve_rank(conn: Connection, forward: RankForward, updater: WeightUpdater,
                 tp: TensorParallel) -> None:
     """Run what rank 0 sends, in order, until the pipe closes."""
-    model = forward.model
+    model, device = forward.model, forward.pool.device
     while True:
         try:
             message = pickle.loads(conn.recv_bytes())
@@ -349,7 +367,7 @@ def _serve_rank(conn: Connection, forward: RankForward, updater: WeightUpdater,
             return  # rank 0 stopped or died: never outlive it
         match message:
             case ForwardInputs():
-                forward(message)
+                forward(message.to(device))
             case JoinWeightsGroup(address, port, offset, world, group, backend):
                 updater.init_group(address, port, offset + tp.rank, world, group, backend)
             case LeaveWeightsGroup(group):
@@ -364,7 +382,8 @@ def _serve_rank(conn: Connection, forward: RankForward, updater: WeightUpdater,
                 updater.install(updater.prepare(updater.take_staged([]), owned=True))
                 updater.pack_some(None)
             case ReadWeight(name):
-                conn.send_bytes(pickle.dumps(model.checkpoint_weight(name).clone()))
+                share = model.checkpoint_weight(name).clone()  # a view would pickle its base
+                conn.send_bytes(pickle.dumps(share.cpu()))
 
 
 def rank_forward(model: CausalLM, config: ModelConfig, tp: TensorParallel, tokens: int,
@@ -384,8 +403,10 @@ def _rank_main(plan: RankPlan, rank: int, conn: Connection) -> None:
     logging.basicConfig(level=logging.INFO)
     if plan.cores is not None:
         use_cores(plan.cores[rank])
-    device = torch.device("cpu")
+    device = torch.device(plan.devices[rank])
     try:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         shm = _map_region(plan, rank)
         conn.send_bytes(pickle.dumps(Joining()))
         tp = TensorParallel(rank, plan.size, _join(plan, rank), shm)

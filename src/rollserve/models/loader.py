@@ -54,14 +54,18 @@ def cpu_computes_natively(dtype: torch.dtype) -> bool:
     return True
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, gpu_id: int = 0) -> torch.device:
+    """cpu, or a CUDA device with its index (`gpu_id` where `device` names none)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available")
     if not (device == "cpu" or device.startswith("cuda")):
         raise ValueError(f"unsupported device {device!r}; choose auto, cpu or cuda")
-    return torch.device(device)
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is None:
+        return torch.device("cuda", gpu_id)
+    return resolved
 
 
 def load_model(
