@@ -143,6 +143,21 @@ def test_a_tp2_engine_generates_the_tp1_tokens_and_logprobs(preset, tiny_model_f
         assert max(abs(x[0] - y[0]) for x, y in pairs) < 1e-4
 
 
+def test_without_a_compiler_the_ranks_all_reduce_over_gloo_with_the_same_tokens(
+        tiny_model_factory, tmp_path, monkeypatch) -> None:
+    path = tiny_model_factory("qwen3")
+    with Engine(str(path), dtype="float32", device="cpu", max_total_tokens=256,
+                tp_size=2) as engine:
+        assert engine.tp_ranks.tp.shm is not None  # shared memory where kernels build
+    monkeypatch.setenv("ROLLSERVE_CACHE", str(tmp_path))  # nothing built yet
+    monkeypatch.setenv("CC", "no-such-compiler")
+    with Engine(str(path), dtype="float32", device="cpu", max_total_tokens=256,
+                tp_size=2) as engine:
+        assert engine.tp_ranks.tp.shm is None
+    whole, split = _generate(path, 1), _generate(path, 2)
+    assert [o["output_ids"] for o in whole] == [o["output_ids"] for o in split]
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_a_tp2_engine_on_two_gpus_generates_the_tp1_tokens_and_logprobs(
         tiny_model_factory) -> None:
