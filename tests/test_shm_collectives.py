@@ -18,6 +18,7 @@ import torch
 from native_isas import ISAS
 
 from rollserve.kernels.shm_collectives import (
+    PREFIX,
     SLOT_BYTES,
     GroupBroken,
     SharedMemoryGroup,
@@ -138,3 +139,21 @@ def test_a_rank_waiting_in_a_collective_gives_up_when_rank_0_dies(isa, tmp_path)
         Path(path).unlink()
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             os.kill(int((tmp_path / "rank1.pid").read_text()), signal.SIGKILL)
+
+
+def test_a_region_left_by_a_dead_rank_0_is_removed_by_the_next_start() -> None:
+    dead = SPAWN.Process(target=os.getpid)
+    dead.start()
+    dead.join()
+    orphan = Path(create_region(2))
+    left = orphan.with_name(f"{PREFIX}{dead.pid}-{orphan.name.rsplit('-', 1)[1]}")
+    orphan.rename(left)  # as if the dead process had created it
+    mine = Path(create_region(2))
+    try:
+        assert not left.exists()
+        mine_again = Path(create_region(2))
+        assert mine.exists()  # a running creator's region stays
+        mine_again.unlink()
+    finally:
+        mine.unlink()
+        left.unlink(missing_ok=True)

@@ -4,7 +4,9 @@ hundreds.
 
 Rank 0 creates the region (`create_region`), every rank maps it (`SharedMemoryGroup`), and
 rank 0 unlinks the file once all have: the mapping lives on in each rank and nothing is left
-in /dev/shm whatever happens next.
+in /dev/shm whatever happens next. A rank 0 killed during the start, before the unlink,
+leaves its file; the file's name holds its pid, and the next `create_region` removes the
+files of pids that no longer run.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from rollserve.kernels.build import INT, INT64, POINTER
 
 LINE = 64  # the C file's header line
 SLOT_BYTES = 4 << 20  # one chunk of a collective; larger ones run in chunks
+PREFIX = "rollserve-tp-"  # then the creator's pid, "-", a unique part
 
 
 class GroupBroken(RuntimeError):
@@ -35,12 +38,32 @@ def region_bytes(size: int) -> int:
 def create_region(size: int) -> str:
     """A zeroed file for `size` ranks' region, in /dev/shm where there is one; its path."""
     shm = Path("/dev/shm")
-    fd, path = tempfile.mkstemp(prefix="rollserve-tp-", dir=shm if shm.is_dir() else None)
+    folder = shm if shm.is_dir() else Path(tempfile.gettempdir())
+    _remove_orphans(folder)
+    fd, path = tempfile.mkstemp(prefix=f"{PREFIX}{os.getpid()}-", dir=folder)
     try:
         os.ftruncate(fd, region_bytes(size))
     finally:
         os.close(fd)
     return path
+
+
+def _remove_orphans(folder: Path) -> None:
+    """Remove the regions whose creator (the pid in the name) no longer runs."""
+    for path in folder.glob(f"{PREFIX}*-*"):
+        pid = path.name.removeprefix(PREFIX).split("-")[0]
+        if pid.isdigit() and not _running(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class SharedMemoryGroup:
