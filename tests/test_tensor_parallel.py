@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import requests
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -31,6 +32,9 @@ from rollserve.models.loader import iter_checkpoint_tensors, load_model
 from rollserve.models.parallel import SINGLE, TensorParallel, head_shard
 from rollserve.rl import RolloutService, WeightSyncError
 from rollserve.weights.group import destroy_weights_group, init_weights_group
+from rollserve.weights.ipc import serialize_named_tensors
+
+NO_PROXY = {"http": None, "https": None}
 
 PROMPT = [3, 17, 5, 42, 8, 11, 29, 2, 7, 19, 23, 4, 9]
 
@@ -315,6 +319,26 @@ def test_weight_updates_reach_every_rank_of_a_tp2_engine(tiny_model_factory) -> 
 
 
 # ---- seed 002: a service of tp=2 engines ------------------------------------------------------
+
+def test_a_tp2_server_takes_one_serialized_payload_per_rank(tiny_model_factory,
+                                                           start_server) -> None:
+    """SGLang's /update_weights_from_tensor: a list with one payload per TP rank."""
+    path = tiny_model_factory("qwen2")
+    server = start_server(path, "--tp-size", "2")
+    name = "model.layers.0.self_attn.o_proj.weight"  # split by input features across ranks
+    new = dict(iter_checkpoint_tensors(path))[name].float() * 0.5 + 0.01
+    payload = serialize_named_tensors([(name, new)])
+
+    def post(path: str, body: dict) -> requests.Response:
+        return requests.post(server.url + path, json=body, timeout=60, proxies=NO_PROXY)
+
+    refused = post("/update_weights_from_tensor", {"serialized_named_tensors": [payload] * 3})
+    assert refused.status_code == 400 and "tp_size=2" in refused.json()["message"]
+    answer = post("/update_weights_from_tensor", {"serialized_named_tensors": [payload] * 2})
+    assert answer.json()["success"], answer.text
+    whole = post("/get_weights_by_name", {"name": name, "truncate_size": new.shape[0]}).json()
+    assert torch.equal(torch.tensor(whole), new)
+
 
 def test_a_seed_002_service_of_tp2_engines_serves_syncs_and_loses_an_engine_with_a_rank(
         tiny_model_factory) -> None:

@@ -263,6 +263,10 @@ def test_update_from_tensor_on_the_same_host(engines, trainer) -> None:
     perturb(trainer, seed=5)
     payload = serialize_named_tensors((n, p.detach().clone()) for n, p in
                                       trainer.named_parameters())
+    refused = post(engines[0], "/update_weights_from_tensor", {
+        "serialized_named_tensors": [payload, payload]})  # one per rank, and tp_size is 1
+    assert refused.status_code == 400
+    assert "holds 2 payloads, but this engine has tp_size=1" in refused.json()["message"]
     answer = post(engines[0], "/update_weights_from_tensor", {
         "serialized_named_tensors": [payload], "weight_version": "tensor-5"})
     assert answer.json() == {"success": True, "message": answer.json()["message"]}

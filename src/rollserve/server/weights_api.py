@@ -165,7 +165,13 @@ async def update_weights_from_distributed(
 async def update_weights_from_tensor(
         state: State, body: Annotated[FromTensorRequest, _body(FromTensorRequest)]
 ) -> JSONResponse:
-    # One payload per TP rank; this engine is rank 0.
+    # SGLang sends one payload per TP rank (the same tensors); rank 0 reads its own and hands
+    # the tensors to the other ranks. One payload for all ranks is accepted too.
+    payloads, ranks = body.serialized_named_tensors, state.engine.args.tp_size
+    if len(payloads) not in (1, ranks):
+        return _failure(f"'serialized_named_tensors' holds {len(payloads)} payloads, but this "
+                        f"engine has tp_size={ranks}: send one per tensor-parallel rank (or "
+                        "one for all)")
     return await _run(partial(
         state.engine.update_weights_from_serialized, payload=body.serialized_named_tensors[0],
         load_format=body.load_format, apply=body.apply, **body.update_options()))
