@@ -70,6 +70,15 @@ START_TIMEOUT = timedelta(minutes=5)  # joining the group; loading is not bounde
 
 
 @dataclass(slots=True, frozen=True)
+class Region:
+    """The collectives' shared-memory region: its file and the kernel build that reads it."""
+
+    path: str
+    dtype: torch.dtype
+    isa: str
+
+
+@dataclass(slots=True, frozen=True)
 class RankPlan:
     """What every rank is told at start."""
 
@@ -78,7 +87,7 @@ class RankPlan:
     port: int  # rank 0 hosts the group's TCP store here
     devices: tuple[str, ...]  # per rank
     cores: tuple[tuple[int, ...], ...] | None  # per rank (CPU); None: leave threads as they are
-    shm_path: str | None  # the collectives' shared-memory region; None: gloo only
+    region: Region | None  # None: the collectives go through gloo only
 
 
 @dataclass(slots=True, frozen=True)
@@ -184,8 +193,8 @@ class TPRanks:
         check_divisible(config, args.tp_size)
         exit_if_importing_main()
         devices, cores = plan_devices(args.tp_size, device), plan_cores(args.tp_size, device)
-        shm_path, shm = _shared_memory(args, device, resolve_dtype(args.dtype, config, device))
-        self.plan = RankPlan(args, args.tp_size, free_port(), devices, cores, shm_path)
+        region, shm = _shared_memory(args, device, resolve_dtype(args.dtype, config, device))
+        self.plan = RankPlan(args, args.tp_size, free_port(), devices, cores, region)
         context = multiprocessing.get_context("spawn")  # a forked torch is unsafe
         self._shm = shm
         self._send_lock = threading.Lock()  # steps (engine thread) and updates (callers)
@@ -294,8 +303,8 @@ class TPRanks:
             self._shm.abort()
 
     def _unlink_region(self) -> None:
-        if self.plan.shm_path is not None:
-            Path(self.plan.shm_path).unlink(missing_ok=True)
+        if self.plan.region is not None:
+            Path(self.plan.region.path).unlink(missing_ok=True)
 
     def _receive(self, rank: int, conn: Connection) -> object:
         try:
@@ -311,15 +320,16 @@ class TPRanks:
 
 
 def _shared_memory(args: EngineArgs, device: torch.device, dtype: torch.dtype
-                   ) -> tuple[str | None, SharedMemoryGroup | None]:
-    """Rank 0's shared-memory region (its path and rank 0's end), or (None, None) where the
+                   ) -> tuple[Region | None, SharedMemoryGroup | None]:
+    """Rank 0's shared-memory region and its end of it, or (None, None) where the
     collectives go through gloo: native kernels off or unavailable here."""
     isa = None if args.disable_native_kernels else build.native_isa(device, dtype)
     if isa is None:
         return None, None
     path = create_region(args.tp_size)
     try:
-        return path, SharedMemoryGroup(path, 0, args.tp_size, dtype, isa, os.getpid())
+        shm = SharedMemoryGroup(path, 0, args.tp_size, dtype, isa, os.getpid())
+        return Region(path, dtype, isa), shm
     except build.KernelBuildError as exc:
         Path(path).unlink()
         logger.warning("shared-memory collectives unavailable, the ranks use gloo: %s", exc)
@@ -328,13 +338,11 @@ def _shared_memory(args: EngineArgs, device: torch.device, dtype: torch.dtype
 
 def _map_region(plan: RankPlan, rank: int) -> SharedMemoryGroup | None:
     """Rank `rank`'s end of rank 0's region (its parent is rank 0)."""
-    if plan.shm_path is None:
+    region = plan.region
+    if region is None:
         return None
-    config = load_model_config(plan.args.model_path)
-    device = torch.device("cpu")
-    dtype = resolve_dtype(plan.args.dtype, config, device)
-    isa = build.native_isa(device, dtype)
-    return SharedMemoryGroup(plan.shm_path, rank, plan.size, dtype, isa, os.getppid())
+    return SharedMemoryGroup(region.path, rank, plan.size, region.dtype, region.isa,
+                             os.getppid())
 
 
 def _join(plan: RankPlan, rank: int) -> torch.distributed.ProcessGroup:
