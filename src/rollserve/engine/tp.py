@@ -67,6 +67,7 @@ from rollserve.weights.updater import NamedTensors, WeightUpdater
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT = timedelta(minutes=5)  # joining the group; loading is not bounded by it
+LOST_GRACE = 2.0  # seconds a failed step waits to see whether a rank has exited
 
 
 @dataclass(slots=True, frozen=True)
@@ -199,6 +200,8 @@ class TPRanks:
         self._shm = shm
         self._send_lock = threading.Lock()  # steps (engine thread) and updates (callers)
         self._stopping = threading.Event()
+        self._lost = threading.Event()  # set by the watcher, with _lost_reason, if a rank exits
+        self._lost_reason: str | None = None
         self._conns: list[Connection] = []
         self._processes = []
         try:
@@ -263,26 +266,38 @@ class TPRanks:
 
     def watch(self, on_lost: Callable[[str], None]) -> None:
         """Call `on_lost(reason)` (on a thread of its own) if a rank exits before `stop`: an
-        idle engine would otherwise only notice at its next step."""
+        idle engine would otherwise only notice at its next step.
+
+        Invariant: this thread alone reaps a rank that exits while the engine runs (two
+        threads waiting on one child race: the loser sees no exit code), and it records the
+        reason before aborting the collectives, so a step that fails because of the lost
+        rank finds the reason in `lost()`."""
         ranks = {p.sentinel: rank for rank, p in enumerate(self._processes, start=1)}
 
         def wait() -> None:
             first = multiprocessing.connection.wait(list(ranks))[0]
-            if not self._stopping.is_set():
-                self._abort_collectives()  # ranks waiting for the lost one give up
-                process = self._processes[ranks[first] - 1]
-                process.join(timeout=5)
-                on_lost(f"tensor-parallel rank {ranks[first]} exited with code "
-                        f"{process.exitcode}")
+            if self._stopping.is_set():
+                return
+            process = self._processes[ranks[first] - 1]
+            process.join()  # it has exited: returns at once, with its code
+            self._lost_reason = (f"tensor-parallel rank {ranks[first]} exited with code "
+                                 f"{process.exitcode}")
+            self._lost.set()
+            self._abort_collectives()  # ranks waiting for the lost one give up
+            on_lost(self._lost_reason)
 
         threading.Thread(target=wait, name="rollserve-tp-watch", daemon=True).start()
 
     def lost(self) -> str | None:
-        """Why the group is broken (a rank has exited), or None while every rank runs."""
-        for rank, process in enumerate(self._processes, start=1):
-            if not process.is_alive():
-                return f"tensor-parallel rank {rank} exited with code {process.exitcode}"
-        return None
+        """Why the group is broken (a rank has exited), or None while every rank runs; for a
+        failed step. Reaps nothing: when a rank has exited, waits for the watcher's reason.
+        Gives a dying rank LOST_GRACE seconds to show as exited (its pipe to rank 0 may close
+        before its sentinel does)."""
+        sentinels = [p.sentinel for p in self._processes]
+        if not (self._lost.is_set() or multiprocessing.connection.wait(sentinels, LOST_GRACE)):
+            return None
+        self._lost.wait(timeout=10)
+        return self._lost_reason or "a tensor-parallel rank exited"
 
     def stop(self) -> None:
         """Close every pipe (each rank exits at its EOF, or gives up a collective it waits
