@@ -325,24 +325,45 @@ def test_weight_updates_reach_every_rank_of_a_tp2_engine(tiny_model_factory) -> 
 
 # ---- seed 002: a service of tp=2 engines ------------------------------------------------------
 
-def test_a_tp2_server_takes_one_serialized_payload_per_rank(tiny_model_factory,
-                                                           start_server) -> None:
-    """SGLang's /update_weights_from_tensor: a list with one payload per TP rank."""
+def test_each_rank_of_a_tp2_server_reads_its_own_serialized_payload(tiny_model_factory,
+                                                                     start_server) -> None:
+    """SGLang's /update_weights_from_tensor: a list with one payload per TP rank, rank r
+    reading the r-th. Entries that differ show who read what: each rank keeps its share of
+    the tensor from its own entry."""
     path = tiny_model_factory("qwen2")
     server = start_server(path, "--tp-size", "2")
     name = "model.layers.0.self_attn.o_proj.weight"  # split by input features across ranks
-    new = dict(iter_checkpoint_tensors(path))[name].float() * 0.5 + 0.01
-    payload = serialize_named_tensors([(name, new)])
+    old = dict(iter_checkpoint_tensors(path))[name].float()
+    first, second = old * 0.5 + 0.01, old * -2.0
+    half = old.shape[1] // 2
 
     def post(path: str, body: dict) -> requests.Response:
         return requests.post(server.url + path, json=body, timeout=60, proxies=NO_PROXY)
 
-    refused = post("/update_weights_from_tensor", {"serialized_named_tensors": [payload] * 3})
-    assert refused.status_code == 400 and "tp_size=2" in refused.json()["message"]
-    answer = post("/update_weights_from_tensor", {"serialized_named_tensors": [payload] * 2})
+    def push(*entries: torch.Tensor) -> requests.Response:
+        return post("/update_weights_from_tensor", {"serialized_named_tensors": [
+            serialize_named_tensors([(name, t)]) for t in entries]})
+
+    def served() -> torch.Tensor:
+        body = {"name": name, "truncate_size": old.shape[0]}
+        return torch.tensor(post("/get_weights_by_name", body).json())
+
+    answer = push(first, second)
     assert answer.json()["success"], answer.text
-    whole = post("/get_weights_by_name", {"name": name, "truncate_size": new.shape[0]}).json()
-    assert torch.equal(torch.tensor(whole), new)
+    assert torch.equal(served(), torch.cat([first[:, :half], second[:, half:]], dim=1))
+    answer = push(second)  # one payload for all ranks
+    assert answer.json()["success"], answer.text
+    assert torch.equal(served(), second)
+
+    refused = push(first, first, first)
+    assert refused.status_code == 400 and "tp_size=2" in refused.json()["message"]
+    refused = push(first, first[:, :half])  # rank 1's entry has the wrong shape
+    message = refused.json()["message"]
+    assert refused.status_code == 400 and "tensor-parallel rank 1" in message, message
+    assert torch.equal(served(), second)  # neither rank installed anything
+    answer = push(first, first)
+    assert answer.json()["success"], answer.text
+    assert torch.equal(served(), first)
 
 
 def test_a_seed_002_service_of_tp2_engines_serves_syncs_and_loses_an_engine_with_a_rank(

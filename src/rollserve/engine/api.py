@@ -136,12 +136,14 @@ class EngineAPI(ABC):
 
     @abstractmethod
     def update_weights_from_serialized(
-        self, payload: str, load_format: str | None = None, flush_cache: bool = True,
-        weight_version: str | None = None, abort_all_requests: bool = False,
-        apply: bool = True,
+        self, payload: str | list[str], load_format: str | None = None,
+        flush_cache: bool = True, weight_version: str | None = None,
+        abort_all_requests: bool = False, apply: bool = True,
     ) -> str:
         """`update_weights_from_tensor` for SGLang's serialized tensors (the HTTP endpoint's
-        form), opened in the engine's process: CUDA IPC handles only open where it runs."""
+        form), opened in the engine's processes: CUDA IPC handles only open where they run.
+        `payload`: one for every rank, or a list with one per tensor-parallel rank (rank r
+        reads the r-th, as in SGLang); another count raises ValueError."""
 
     @abstractmethod
     def update_weights_from_disk(

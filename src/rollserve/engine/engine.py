@@ -28,7 +28,6 @@ from rollserve.engine.radix_cache import RadixCache
 from rollserve.engine.request import Req
 from rollserve.engine.scheduler import Scheduler, SchedulerConfig
 from rollserve.engine.tp import (
-    AddWeights,
     InstallWeights,
     JoinWeightsGroup,
     LeaveWeightsGroup,
@@ -46,7 +45,11 @@ from rollserve.models.config import ModelConfig, load_model_config
 from rollserve.models.loader import load_model, resolve_device, resolve_dtype
 from rollserve.models.parallel import SINGLE
 from rollserve.utils.dtypes import dtype_name
-from rollserve.weights.ipc import deserialize_named_tensors
+from rollserve.weights.ipc import (
+    check_payload_count,
+    deserialize_named_tensors,
+    serialize_named_tensors,
+)
 from rollserve.weights.specs import parse_specs
 from rollserve.weights.updater import DEFAULT_GROUP, NamedTensors, WeightUpdater
 
@@ -261,21 +264,42 @@ class Engine(EngineAPI):
         apply: bool = True,
     ) -> str:
         tensors = list(named_tensors)
+        self.weights.check_tensors(tensors)
+        return self._update_in_memory(tensors, [], None, flush_cache, weight_version,
+                                      abort_all_requests, apply)
+
+    def update_weights_from_serialized(
+        self, payload: str | list[str], load_format: str | None = None,
+        flush_cache: bool = True, weight_version: str | None = None,
+        abort_all_requests: bool = False, apply: bool = True,
+    ) -> str:
+        payloads = [payload] if isinstance(payload, str) else list(payload)
+        check_payload_count(payloads, self.args.tp_size)
+        tensors = deserialize_named_tensors(payloads[0], load_format)
+        self.weights.check_tensors(tensors)
+        return self._update_in_memory(tensors, payloads[1:], load_format, flush_cache,
+                                      weight_version, abort_all_requests, apply)
+
+    def _update_in_memory(self, tensors: NamedTensors, others: list[str],
+                          load_format: str | None, flush_cache: bool,
+                          weight_version: str | None, abort_all_requests: bool,
+                          apply: bool) -> str:
+        """Install checked `tensors` (they belong to the sender: copied). The other TP ranks
+        read them too: rank r from others[r - 1] (SGLang's payload per rank) or, without
+        those, from payloads of `tensors` made here, one per rank (a handle opens once)."""
         with self._update_lock:
-            self.weights.check_tensors(tensors)  # they belong to the sender: copied
-            self._tell_ranks(AddWeights([(name, t.cpu()) for name, t in tensors]))
+            if self.tp_ranks is not None:
+                self._read_on_ranks(self.tp_ranks, tensors, others, load_format)
             return self._apply(tensors, False, apply, flush_cache, weight_version,
                                abort_all_requests)
 
-    def update_weights_from_serialized(
-        self, payload: str, load_format: str | None = None, flush_cache: bool = True,
-        weight_version: str | None = None, abort_all_requests: bool = False,
-        apply: bool = True,
-    ) -> str:
-        return self.update_weights_from_tensor(
-            deserialize_named_tensors(payload, load_format), flush_cache, weight_version,
-            abort_all_requests, apply,
-        )
+    def _read_on_ranks(self, ranks: TPRanks, tensors: NamedTensors, others: list[str],
+                       load_format: str | None) -> None:
+        shared = [] if others else [(n, t.cpu()) for n, t in tensors]  # kept until read
+        if shared:
+            others = [serialize_named_tensors(shared) for _ in range(self.args.tp_size - 1)]
+            load_format = None
+        self._call(lambda: ranks.read_payloads(others, load_format))
 
     def update_weights_from_disk(
         self, model_path: str, flush_cache: bool = True, weight_version: str | None = None,

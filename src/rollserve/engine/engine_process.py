@@ -177,9 +177,9 @@ class EngineProcess(EngineAPI):
         ))
 
     def update_weights_from_serialized(
-        self, payload: str, load_format: str | None = None, flush_cache: bool = True,
-        weight_version: str | None = None, abort_all_requests: bool = False,
-        apply: bool = True,
+        self, payload: str | list[str], load_format: str | None = None,
+        flush_cache: bool = True, weight_version: str | None = None,
+        abort_all_requests: bool = False, apply: bool = True,
     ) -> str:
         return self._call(msg.UpdateWeightsFromSerialized(
             payload, load_format, flush_cache, weight_version, abort_all_requests, apply,

@@ -212,7 +212,7 @@ class UpdateWeightsFromDistributed(EngineCall[str]):
 
 @dataclass(slots=True, frozen=True)
 class UpdateWeightsFromSerialized(EngineCall[str]):
-    payload: str
+    payload: str | list[str]  # one for every TP rank, or one each
     load_format: str | None
     flush_cache: bool
     weight_version: str | None

@@ -19,10 +19,12 @@ engine is idle, longer than any collective's timeout should be. They also carry 
 updates, in order with the steps: each rank joins the trainer's weight-sync group itself (at
 the engine's rank_offset + its TP rank, SGLang's contract) and receives every whole tensor,
 keeping its share, and installs what it received when rank 0 does, between the same two
-steps.
+steps. In-memory updates reach a rank as a serialized payload of its own (SGLang's one per
+rank, or one rank 0 makes from its tensors): the rank opens the shared-memory (or CUDA IPC)
+handles itself, so no tensor's bytes cross a pipe.
 
 On CPU each rank gets its own cores: the cores this process may use, split evenly in rank
-order (tp_size=2 on 2 cores: one each). On CUDA rank r runs on GPU base_gpu_id + r; tensors
+order (tp_size=2 on 2 cores: one each). On CUDA rank r runs on GPU base_gpu_id + r; steps
 cross the pipes on the CPU and each rank moves them to its GPU.
 """
 
@@ -61,6 +63,7 @@ from rollserve.utils.process import (
     unguarded_main_message,
 )
 from rollserve.weights.group import init_weights_group
+from rollserve.weights.ipc import deserialize_named_tensors
 from rollserve.weights.specs import TensorSpec
 from rollserve.weights.updater import NamedTensors, WeightUpdater
 
@@ -136,10 +139,22 @@ class ReceiveWeights:
 
 
 @dataclass(slots=True, frozen=True)
-class AddWeights:
-    """Whole tensors from rank 0 (an in-memory update), kept until installed."""
+class ReadPayload:
+    """SGLang's serialized tensors for this rank: whole tensors as shared-memory (or CUDA IPC)
+    handles into the sender's memory. The rank copies them now and answers None or why it
+    could not; the copies wait for EndRead. The sender may free its memory once the engine
+    answers, so rank 0 waits for every rank's answer first."""
 
-    tensors: NamedTensors
+    payload: str
+    load_format: str | None
+
+
+@dataclass(slots=True, frozen=True)
+class EndRead:
+    """Keep what the last ReadPayload copied until installed, or drop it (a rank could not
+    read its payload, so the update fails on every rank)."""
+
+    keep: bool
 
 
 @dataclass(slots=True, frozen=True)
@@ -243,14 +258,42 @@ class TPRanks:
         """To every other rank, in order with everything sent before: a step's
         ForwardInputs (each rank runs it too) or a weight-update message. A rank that is gone
         fails the call."""
-        payload = pickle.dumps(message)
+        self._send_each([pickle.dumps(message)] * len(self._conns))
+
+    def _send_each(self, payloads: list[bytes]) -> None:
+        """payloads[i] to rank i + 1, all of them before anything else is sent."""
         with self._send_lock:
-            for rank, conn in enumerate(self._conns, start=1):
+            for rank, (conn, payload) in enumerate(zip(self._conns, payloads, strict=True),
+                                                   start=1):
                 try:
                     conn.send_bytes(payload)
                 except OSError:
                     raise RuntimeError(f"tensor-parallel rank {rank} has exited "
                                        f"(code {self._processes[rank - 1].exitcode})") from None
+
+    def _answers(self) -> list[object]:
+        """One answer from each other rank, in rank order. Engine thread only: the ranks
+        answer in the order they were asked, so one thread reads every answer."""
+        answers = []
+        for rank, conn in enumerate(self._conns, start=1):
+            try:
+                answers.append(pickle.loads(conn.recv_bytes()))
+            except (EOFError, OSError):
+                raise RuntimeError(self.lost() or f"tensor-parallel rank {rank} has exited"
+                                   ) from None
+        return answers
+
+    def read_payloads(self, payloads: list[str], load_format: str | None) -> None:
+        """Rank r reads payloads[r - 1] and keeps what it copied until InstallWeights. If one
+        cannot, every rank drops its copy and this raises ValueError naming that rank.
+        Engine thread only."""
+        self._send_each([pickle.dumps(ReadPayload(p, load_format)) for p in payloads])
+        failures = [(rank, why) for rank, why in enumerate(self._answers(), start=1) if why]
+        self.send(EndRead(keep=not failures))
+        if failures:
+            rank, why = failures[0]
+            raise ValueError(f"tensor-parallel rank {rank} could not read its serialized "
+                             f"tensors: {why}")
 
     def send_step(self, inputs: ForwardInputs) -> None:
         """A step's inputs, on the CPU (each rank moves them to its own device)."""
@@ -260,8 +303,7 @@ class TPRanks:
         """Checkpoint tensor `name` whole: rank 0's `share` and every other rank's, joined
         along `dim`. Engine thread only (the ranks answer in order)."""
         self.send(ReadWeight(name))
-        shares = [share] + [pickle.loads(conn.recv_bytes()).to(share.device)
-                            for conn in self._conns]
+        shares = [share] + [other.to(share.device) for other in self._answers()]
         return torch.cat(shares, dim=dim)
 
     def watch(self, on_lost: Callable[[str], None]) -> None:
@@ -383,6 +425,7 @@ def _serve_rank(conn: Connection, forward: RankForward, updater: WeightUpdater,
                 tp: TensorParallel) -> None:
     """Run what rank 0 sends, in order, until the pipe closes."""
     model, device = forward.model, forward.pool.device
+    read: NamedTensors = []  # the last ReadPayload's copies, until EndRead
     while True:
         try:
             message = pickle.loads(conn.recv_bytes())
@@ -397,8 +440,13 @@ def _serve_rank(conn: Connection, forward: RankForward, updater: WeightUpdater,
                 updater.destroy_group(group)
             case ReceiveWeights(specs, group, load_format):
                 updater.stage(updater.receive(specs, group, load_format))
-            case AddWeights(tensors):
-                updater.stage(tensors)
+            case ReadPayload(payload, load_format):
+                read, why = _read_payload(updater, payload, load_format)
+                conn.send_bytes(pickle.dumps(why))
+            case EndRead(keep):
+                if keep:
+                    updater.stage(read)
+                read = []
             case InstallWeights(model_path):
                 if model_path is not None:
                     updater.stage(list(iter_checkpoint_tensors(model_path)))
@@ -407,6 +455,18 @@ def _serve_rank(conn: Connection, forward: RankForward, updater: WeightUpdater,
             case ReadWeight(name):
                 share = model.checkpoint_weight(name).clone()  # a view would pickle its base
                 conn.send_bytes(pickle.dumps(share.cpu()))
+
+
+def _read_payload(updater: WeightUpdater, payload: str, load_format: str | None
+                  ) -> tuple[NamedTensors, str | None]:
+    """This rank's own copy of a payload's tensors (they point into the sender's memory), or
+    why it could not read them: a bad payload fails the update, not the rank."""
+    try:
+        tensors = deserialize_named_tensors(payload, load_format)
+        updater.check_tensors(tensors)
+        return updater.prepare(tensors, owned=False), None
+    except Exception as exc:
+        return [], f"{type(exc).__name__}: {exc}"
 
 
 def rank_forward(model: CausalLM, config: ModelConfig, tp: TensorParallel, tokens: int,

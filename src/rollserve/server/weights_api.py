@@ -97,7 +97,7 @@ class FromTensorRequest(UpdateRequest):
         if self.load_format not in (None, "direct", FLATTENED_BUCKET):
             raise invalid(f"load_format must be null, 'direct' or {FLATTENED_BUCKET!r}")
         payloads = self.serialized_named_tensors
-        if not payloads or not isinstance(payloads[0], str):
+        if not payloads or not all(isinstance(p, str) for p in payloads):
             raise invalid("'serialized_named_tensors' must hold one base64 string per "
                           "tensor-parallel rank")
         return self
@@ -165,15 +165,10 @@ async def update_weights_from_distributed(
 async def update_weights_from_tensor(
         state: State, body: Annotated[FromTensorRequest, _body(FromTensorRequest)]
 ) -> JSONResponse:
-    # SGLang sends one payload per TP rank (the same tensors); rank 0 reads its own and hands
-    # the tensors to the other ranks. One payload for all ranks is accepted too.
-    payloads, ranks = body.serialized_named_tensors, state.engine.args.tp_size
-    if len(payloads) not in (1, ranks):
-        return _failure(f"'serialized_named_tensors' holds {len(payloads)} payloads, but this "
-                        f"engine has tp_size={ranks}: send one per tensor-parallel rank (or "
-                        "one for all)")
+    # SGLang sends one payload per TP rank (the same tensors, each where its rank can open
+    # them); each rank reads its own. One payload for all ranks is accepted too.
     return await _run(partial(
-        state.engine.update_weights_from_serialized, payload=body.serialized_named_tensors[0],
+        state.engine.update_weights_from_serialized, payload=body.serialized_named_tensors,
         load_format=body.load_format, apply=body.apply, **body.update_options()))
 
 

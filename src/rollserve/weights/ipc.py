@@ -50,6 +50,15 @@ def serialize_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]]) -
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def check_payload_count(payloads: list[str], tp_size: int) -> None:
+    """SGLang's `serialized_named_tensors` holds one payload per tensor-parallel rank; one
+    for all ranks is taken too."""
+    if len(payloads) not in (1, tp_size):
+        raise ValueError(f"'serialized_named_tensors' holds {len(payloads)} payloads, but "
+                         f"this engine has tp_size={tp_size}: send one per tensor-parallel "
+                         "rank (or one for all)")
+
+
 def deserialize_named_tensors(payload: str | bytes, load_format: str | None) -> NamedTensors:
     if isinstance(payload, str):
         try:
@@ -58,8 +67,12 @@ def deserialize_named_tensors(payload: str | bytes, load_format: str | None) -> 
             raise ValueError(f"serialized tensors are not valid base64: {exc}") from None
     try:
         value = _RestrictedUnpickler(io.BytesIO(payload)).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, RuntimeError) as exc:
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError) as exc:
         raise ValueError(f"cannot deserialize the named tensors: {exc}") from None
+    except RuntimeError as exc:  # a handle that does not open
+        raise ValueError(f"cannot open the serialized tensors: {exc} (a serialization opens "
+                         "once: serialize the tensors again for every process that reads "
+                         "them, e.g. once per tensor-parallel rank)") from None
     if load_format == "flattened_bucket":
         return _unflatten(value)
     if not (isinstance(value, list | tuple) and all(_is_named_tensor(p) for p in value)):
