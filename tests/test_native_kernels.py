@@ -19,6 +19,7 @@ from rollserve.kernels.build import (
     why_not_native,
 )
 from rollserve.kernels.decode_attention import DecodeAttention, make_decode_attention
+from rollserve.kernels.decode_layers import LayerShape, make_decode_layers
 from rollserve.kernels.elementwise import FusedElementwise, make_fused_elementwise
 from rollserve.kernels.sampling import make_native_sampling
 from rollserve.models.llama import RMSNorm
@@ -195,6 +196,7 @@ def test_engine_tokens_and_logprobs_equal_with_and_without_native_kernels(
             assert (engine.scheduler.runner.forward.decode_kernel is None) == disabled
             assert (engine.scheduler.native_sampling is None) == disabled
             assert (engine.model.model.norm.fused is None) == disabled
+            assert (engine.model.model.native_decode is None) == disabled
             results[disabled] = engine.generate(
                 input_ids=prompts, sampling_params=params, return_logprob=True
             )
@@ -203,8 +205,8 @@ def test_engine_tokens_and_logprobs_equal_with_and_without_native_kernels(
         pairs = zip(native["meta_info"]["output_token_logprobs"],
                     torch_path["meta_info"]["output_token_logprobs"], strict=True)
         assert max(abs(a[0] - b[0]) for a, b in pairs) < 1e-4
-    assert f"native CPU kernels: decode attention, fused elementwise, sampling ({isa} build)" \
-        in caplog.text
+    assert ("native CPU kernels: decode attention, fused elementwise, sampling, decode layers "
+            f"({isa} build)") in caplog.text
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -268,6 +270,7 @@ def test_without_a_compiler_the_engine_falls_back_and_says_so(
         assert make_fused_elementwise(CPU, torch.float32) is None
         assert make_native_sampling(CPU) is None
         assert make_amx_linear(CPU, torch.bfloat16) is None
+        assert make_decode_layers(CPU, torch.float32, LayerShape(64, 128, 2, 2, 16, False)) is None
     assert "no C compiler ('no-such-compiler')" in caplog.text
     with Engine(str(tiny_model_factory("qwen2")), dtype="float32", device="cpu",
                 max_total_tokens=1024) as engine:
@@ -296,8 +299,8 @@ def test_an_avx2_only_cpu_runs_the_avx2_kernels_with_the_pytorch_paths_tokens(
     assert make_amx_linear(CPU, torch.bfloat16) is None
     with caplog.at_level("INFO", logger="rollserve"):
         assert _greedy_tokens(path) == expected
-    assert ("native CPU kernels: decode attention, fused elementwise, sampling (avx2 build)"
-            in caplog.text)
+    assert ("native CPU kernels: decode attention, fused elementwise, sampling, decode layers "
+            "(avx2 build)") in caplog.text
 
 
 def test_on_a_cpu_with_neither_avx2_nor_avx512_the_engine_runs_the_pytorch_path_and_says_why(

@@ -38,6 +38,7 @@ from rollserve.engine.tp import (
 from rollserve.engine.validation import GenerateInput, RequestLimits
 from rollserve.kernels.amx_linear import make_amx_linear
 from rollserve.kernels.build import why_not_native
+from rollserve.kernels.decode_layers import make_decode_layers
 from rollserve.kernels.elementwise import make_fused_elementwise
 from rollserve.kernels.sampling import make_native_sampling
 from rollserve.models.catalog import DEFAULT_MODEL, resolve_model
@@ -133,6 +134,10 @@ class Engine(EngineAPI):
         native_sampling = make_native_sampling(self.device) if native else None
         self.model.use_fused_elementwise(fused)
         self.model.use_amx_linear(amx)
+        decode_layers = None
+        if native and tp.size == 1:
+            decode_layers = make_decode_layers(self.device, self.dtype, self.model.layer_shape())
+        self.model.use_decode_layers(decode_layers)
         send = None
         if self.tp_ranks is not None:
             send = self.tp_ranks.send_step
@@ -146,7 +151,8 @@ class Engine(EngineAPI):
         )
         kernels = {"decode attention": forward.decode_kernel,
                    "prefill attention": forward.extend_kernel, "fused elementwise": fused,
-                   "sampling": native_sampling, "AMX linear": amx}
+                   "sampling": native_sampling, "AMX linear": amx,
+                   "decode layers": decode_layers}
         logger.info(
             "loaded %s (%s) dtype=%s device=%s tp_size=%d; KV pool: %d tokens; native CPU "
             "kernels: %s", args.model_path, config.architecture, dtype_name(self.dtype),

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rollserve.kernels.amx_linear import AmxLinear
+from rollserve.kernels.decode_layers import DecodeLayers, LayerShape, LayerWeights, WeightTable
 from rollserve.kernels.elementwise import FusedElementwise
 from rollserve.models.attention import AttentionBatch, paged_attention
 from rollserve.models.config import ModelConfig
@@ -159,6 +160,41 @@ class VocabEmbedding(nn.Embedding):
         return self.tp.all_reduce(x.masked_fill_(outside[:, None], 0))
 
 
+class NativeDecode:
+    """Decode steps of up to `kernel.max_rows` rows through the DecodeLayers kernel, all
+    layers in one call (the same step as the layers' own forwards, within rounding). The
+    weight table is built on first use and dropped by `weights_replaced`: it holds the
+    parameters' addresses, which stay valid while values are copied into them."""
+
+    def __init__(self, kernel: DecodeLayers, layers: nn.ModuleList, eps: float) -> None:
+        self.kernel, self.layers, self.eps = kernel, layers, eps
+        self._table: WeightTable | None = None
+
+    def serves(self, batch: AttentionBatch) -> bool:
+        return not batch.extends and 0 < batch.num_decode <= self.kernel.max_rows
+
+    def __call__(self, x: torch.Tensor, rope: Rope, batch: AttentionBatch
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._table is None:
+            self._table = self.kernel.weight_table([_layer_weights(layer)
+                                                    for layer in self.layers])
+        return self.kernel(self._table, x, *rope, batch.k_cache, batch.v_cache,
+                           batch.out_slots, batch.decode_kv_slots, batch.decode_kv_lens,
+                           self.layers[0].self_attn.scale, self.eps)
+
+    def weights_replaced(self) -> None:
+        self._table = None
+
+
+def _layer_weights(layer: DecoderLayer) -> LayerWeights:
+    attn, mlp = layer.self_attn, layer.mlp
+    return LayerWeights(
+        layer.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias,
+        attn.q_norm.weight if attn.qk_norm else None,
+        attn.k_norm.weight if attn.qk_norm else None, attn.o_proj.weight,
+        layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight, mlp.down_proj.weight)
+
+
 class DecoderBody(nn.Module):
     def __init__(self, config: ModelConfig, max_positions: int, tp: TensorParallel) -> None:
         super().__init__()
@@ -167,11 +203,15 @@ class DecoderBody(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i, tp)
                                     for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.native_decode: NativeDecode | None = None
 
     def forward(self, input_ids: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(batch.positions)
         rope = (cos.to(x.dtype), sin.to(x.dtype))
+        if self.native_decode is not None and self.native_decode.serves(batch):
+            x, residual = self.native_decode(x, rope, batch)
+            return self.norm(x, residual)
         residual = None
         for layer in self.layers:
             x, residual = layer(x, residual, rope, batch)
@@ -214,6 +254,20 @@ class CausalLM(nn.Module):
             if isinstance(module, (RMSNorm, Attention, MLP)):
                 module.fused = fused
 
+    def layer_shape(self) -> LayerShape:
+        """The shape of this rank's decoder layers, as the DecodeLayers kernel takes it."""
+        attn, config = self.model.layers[0].self_attn, self.config
+        return LayerShape(config.hidden_size, config.intermediate_size, attn.num_kv_heads,
+                          attn.num_heads // attn.num_kv_heads, attn.head_dim, attn.qk_norm)
+
+    def use_decode_layers(self, kernel: DecodeLayers | None) -> None:
+        """Run decode steps of few rows through `kernel` (None: layer by layer). Without
+        tensor parallelism only: the kernel has no collectives between its steps."""
+        self.model.native_decode = None
+        if kernel is not None and self.tp.size == 1:
+            self.model.native_decode = NativeDecode(kernel, self.model.layers,
+                                                    self.config.rms_norm_eps)
+
     def use_amx_linear(self, amx: AmxLinear | None) -> None:
         """Run few-row bf16 matmuls (decode steps) through `amx` (None: oneDNN for all)."""
         self.amx = amx
@@ -252,6 +306,8 @@ class CausalLM(nn.Module):
         path, with bit-identical results, until `repack_weight`."""
         slot = self.slots[name]
         self._set_packed(slot.param, None)
+        if self.model.native_decode is not None:
+            self.model.native_decode.weights_replaced()
         if slot.rows is not None or slot.source is not None:
             self.load_weight(name, weight)
             return weight
