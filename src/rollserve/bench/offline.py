@@ -143,22 +143,27 @@ def kv_tokens(path: Path, dtype: str, device: str, kv_cache_gib: int) -> int:
     return kv_cache_gib * 2**30 // bytes_per_token(config, resolved)
 
 
-def batch1_decode_rate(engine: Engine, vocab_size: int, new_tokens: int = 64) -> float:
-    """Decode tokens per second of a lone request, timed from its first token to its last."""
-    prompt = [random.Random(1).randrange(vocab_size) for _ in range(64)]
+def decode_rate(engine: Engine, vocab_size: int, new_tokens: int = 64, rows: int = 1) -> float:
+    """Decode tokens per second of `rows` lone requests decoding together (one decode row
+    each), timed from the first token of any to the last token of all."""
+    rng = random.Random(1)
+    prompts = [[rng.randrange(vocab_size) for _ in range(64)] for _ in range(rows)]
     _, inputs = engine.prepare(None, {"temperature": 0.0, "max_new_tokens": new_tokens,
-                                      "ignore_eos": True}, prompt)
+                                      "ignore_eos": True}, prompts)
     stamps: list[float] = []
+    finished_rows = 0
     done = threading.Event()
 
     def on_output(_index: int, _output: dict, finished: bool) -> None:
+        nonlocal finished_rows
         stamps.append(time.perf_counter())
-        if finished:
+        finished_rows += finished
+        if finished_rows == rows:
             done.set()
 
     engine.submit(inputs, on_output, stream=True)
     done.wait()
-    return (new_tokens - 1) / (stamps[-1] - stamps[0])
+    return rows * (new_tokens - 1) / (stamps[-1] - stamps[0])
 
 
 def read_bandwidth(data: torch.Tensor, repeats: int = 5) -> float:
@@ -197,10 +202,10 @@ def batch1_windows(engine: Engine, vocab_size: int, windows: int = 6,
     data = engine._call(lambda: torch.ones(2**28, device=device))
     weights = weight_bytes(engine)
     kept: list[Batch1Window] = []
-    batch1_decode_rate(engine, vocab_size, 8)  # warm-up
+    decode_rate(engine, vocab_size, 8)  # warm-up
     for _ in range(windows):
         before = engine._call(lambda: read_bandwidth(data, 3))
-        rate = batch1_decode_rate(engine, vocab_size, new_tokens)
+        rate = decode_rate(engine, vocab_size, new_tokens)
         after = engine._call(lambda: read_bandwidth(data, 3))
         if abs(before - after) <= 0.1 * min(before, after):
             bandwidth = (before + after) / 2

@@ -132,22 +132,15 @@ static void project(const ELEM *x, int64_t n, const ELEM *w, const ELEM *bias, i
     }
 }
 
-/* act [n, INTERMEDIATE] = SwiGLU of the gate and up projections of x: gate rows are the
- * first INTERMEDIATE of gate_up, up rows the rest; both rounded, as the eager projection
- * rounds its output, then silu_mul. */
-static void gate_up_swiglu(const ELEM *x, int64_t n, const ELEM *gate_up, ELEM *act) {
-    float gates[MAX_ROWS][BLOCK], ups[MAX_ROWS][BLOCK];
+/* act [n, INTERMEDIATE] = silu_mul of each row's gate and up halves in gate_up [n, 2 *
+ * INTERMEDIATE] (the projection's output, already rounded as the eager projection rounds). */
+static void swiglu(const ELEM *gate_up, int64_t n, ELEM *act) {
 #pragma omp for schedule(static)
-    for (int64_t first = 0; first < INTERMEDIATE; first += BLOCK) {
-        const int64_t count = INTERMEDIATE - first < BLOCK ? INTERMEDIATE - first : BLOCK;
-        dot_block(x, n, gate_up, HIDDEN, first, count, gates);
-        dot_block(x, n, gate_up + (int64_t)INTERMEDIATE * HIDDEN, HIDDEN, first, count, ups);
-        const vmask m = tail_mask(count);
-        for (int64_t r = 0; r < n; r++) {
-            const vfloat g = round_elems(load_floats(gates[r], m));
-            const vfloat u = round_elems(load_floats(ups[r], m));
-            store_elems(act + r * INTERMEDIATE + first, silu_mul(g, u), m);
-        }
+    for (int64_t i = 0; i < n * INTERMEDIATE; i += LANES) {
+        const int64_t r = i / INTERMEDIATE, j = i % INTERMEDIATE;
+        const ELEM *gate = gate_up + r * 2 * INTERMEDIATE + j;
+        store_elems(act + i, silu_mul(load_elems(gate, ALL_LANES),
+                                      load_elems(gate + INTERMEDIATE, ALL_LANES)), ALL_LANES);
     }
 }
 
@@ -199,7 +192,7 @@ static void norm_rows(const ELEM *add, ELEM *residual, const ELEM *weight, ELEM 
 
 /* ELEMs of scratch decode_layers needs for n rows. */
 int64_t decode_layers_scratch(int64_t n) {
-    return n * (HIDDEN + QKV_SIZE + Q_SIZE + HIDDEN + INTERMEDIATE);
+    return n * (HIDDEN + QKV_SIZE + Q_SIZE + HIDDEN + 3 * INTERMEDIATE);
 }
 
 /* Runs layers [0, num_layers). Returns 0, or -1 when n is out of range or the attention's
@@ -214,7 +207,8 @@ int decode_layers(const struct LayerWeights *layers, int64_t num_layers, int64_t
     float *scores = aligned_alloc(64, (size_t)(threads * stride) * sizeof(float));
     if (scores == NULL) return -1;
     ELEM *normed = scratch, *qkv = normed + n * HIDDEN, *attn = qkv + n * QKV_SIZE;
-    ELEM *o = attn + n * Q_SIZE, *act = o + n * HIDDEN;
+    ELEM *o = attn + n * Q_SIZE, *gate_up = o + n * HIDDEN;
+    ELEM *act = gate_up + 2 * n * INTERMEDIATE;
     const int64_t layer_stride = (int64_t)KV_HEADS * pool_slots * HEAD_DIM;
 #pragma omp parallel num_threads(threads)
     {
@@ -228,7 +222,9 @@ int decode_layers(const struct LayerWeights *layers, int64_t num_layers, int64_t
             attend(qkv, n, kl, vl, pool_slots, kv_slots, max_len, kv_lens, scale, mine, attn);
             project(attn, n, w->o, NULL, Q_SIZE, HIDDEN, o);
             norm_rows(o, residual, w->post_norm, normed, n, eps);
-            gate_up_swiglu(normed, n, w->gate_up, act);
+            /* one stream of weight rows per thread: gate and up side by side read ~20% slower */
+            project(normed, n, w->gate_up, NULL, HIDDEN, 2 * INTERMEDIATE, gate_up);
+            swiglu(gate_up, n, act);
             project(act, n, w->down, NULL, INTERMEDIATE, HIDDEN, x);
         }
     }
