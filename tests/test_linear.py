@@ -30,3 +30,17 @@ def test_float32_is_not_packed() -> None:
     layer = Linear(8, 4, bias=False)
     layer.repack()
     assert layer.packed is None
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+def test_float32_linears_run_on_onednn_over_the_plain_weight_and_agree_with_f_linear() -> None:
+    """No packed copy, so the same weights give the same bits before and after a repack."""
+    layer = Linear(96, 40, bias=True)
+    for rows in (1, 3, 64):
+        x = torch.randn(rows, 96)
+        onednn = torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
+        got = layer(x)
+        assert torch.equal(got, onednn)
+        layer.repack()
+        assert torch.equal(layer(x), got)
+        torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias))

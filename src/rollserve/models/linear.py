@@ -35,15 +35,27 @@ def pack(weight: torch.Tensor) -> torch.Tensor | None:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH_HINT)
 
 
+def onednn_float32(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a float32 matmul goes to oneDNN on its plain weight. F.linear takes float32 to
+    the BLAS PyTorch was built with, which on an AMD EPYC ran 2-3x slower than oneDNN at
+    every row count and 8x at 3 rows (BENCHMARKS.md, "float32 linears"). oneDNN reads the
+    weight as it is (no packed copy: float32 weights are the largest), so results do not
+    change with weight updates or repacking."""
+    return (x.dtype == weight.dtype == torch.float32 and weight.device.type == "cpu"
+            and torch.backends.mkldnn.is_available())
+
+
 def linear(
     x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
     bias: torch.Tensor | None = None, amx: AmxLinear | None = None,
 ) -> torch.Tensor:
     if amx is not None and amx.serves(x, weight):
         return amx(x, weight, bias)
-    if packed is None:
-        return F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if onednn_float32(x, weight):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
 
 class Linear(nn.Linear):
