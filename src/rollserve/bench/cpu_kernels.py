@@ -3,6 +3,7 @@
     python -m rollserve.bench.cpu_kernels sampling --batch 128 --vocab 151936
     python -m rollserve.bench.cpu_kernels linear --rows 1 8 16 32 64
     python -m rollserve.bench.cpu_kernels dtypes --rows 1 16 64
+    python -m rollserve.bench.cpu_kernels float32 --rows 1 3 16 64 512
 
 sampling: `sample()` on random bf16 logits, greedy and at temperature 1 (no top-k, top-p or
 min-p: the batches the kernel serves), the native kernel built for each instruction set this
@@ -18,6 +19,10 @@ prepacked where it packs that dtype), alternating; prints each dtype's time over
 The measurement behind `dtype="auto"` computing 16-bit checkpoints in float32 on CPUs that
 only emulate them (`models/loader.py`, `auto_dtype`).
 
+float32: the same linears in float32, the engine's path (oneDNN over the plain weight,
+models/linear.py onednn_float32) against F.linear (the BLAS PyTorch was built with),
+alternating; prints both and their ratio.
+
 Decode and prefill attention have scripts of their own (bench.decode_attention,
 bench.prefill_attention).
 """
@@ -28,6 +33,7 @@ import argparse
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 
 from rollserve.bench.timing import (
     Column,
@@ -62,16 +68,20 @@ def model_weights(seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> Weights
     return [(w, pack(w)) for w in weights]
 
 
-def forward_linears(weights: Weights, rows: int,
-                    amx: AmxLinear | None = None) -> Callable[[], None]:
+def forward_linears(weights: Weights, rows: int, amx: AmxLinear | None = None,
+                    blas: bool = False) -> Callable[[], None]:
     """One pass of `rows` rows through every linear, as a call to time (inputs made here,
-    outside the timing)."""
+    outside the timing): as the engine runs them, or with `blas` through F.linear."""
     dtype = weights[0][0].dtype
     inputs = {k: torch.randn(rows, k).to(dtype) for k in (HIDDEN, INTERMEDIATE)}
 
     def forward() -> None:
         for weight, packed in weights:
-            linear(inputs[weight.shape[1]], weight, packed, amx=amx)
+            x = inputs[weight.shape[1]]
+            if blas:
+                F.linear(x, weight)
+            else:
+                linear(x, weight, packed, amx=amx)
 
     return forward
 
@@ -149,6 +159,23 @@ def _dtype_rows(weights: dict[torch.dtype, Weights], row_counts: list[int],
         yield [rows, *ms, *(m / ms[0] for m in ms[1:])]
 
 
+def run_float32(args: argparse.Namespace) -> None:
+    weights = model_weights(dtype=torch.float32)
+    columns = [Column("rows", 5), Column("F.linear ms", 13, ".1f"),
+               Column("oneDNN ms", 11, ".1f"), Column("speedup", 9, ".2f")]
+    print(cpu_line())
+    with torch.inference_mode():
+        print_table(columns, _float32_rows(weights, args.rows, args.repeats))
+
+
+def _float32_rows(weights: Weights, row_counts: list[int],
+                  repeats: int) -> Iterator[tuple[int, float, float, float]]:
+    for rows in row_counts:
+        ms = interleaved_median_seconds({"blas": forward_linears(weights, rows, blas=True),
+                                         "onednn": forward_linears(weights, rows)}, repeats)
+        yield rows, ms["blas"] * 1e3, ms["onednn"] * 1e3, ms["blas"] / ms["onednn"]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m rollserve.bench.cpu_kernels",
                                      description=__doc__.split("\n\n")[0])
@@ -166,6 +193,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     dtypes.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64])
     dtypes.add_argument("--repeats", type=int, default=3)
     dtypes.set_defaults(run=run_dtypes)
+    float32 = commands.add_parser("float32", help="float32 linears: oneDNN vs F.linear")
+    float32.add_argument("--rows", type=int, nargs="+", default=[1, 3, 16, 64, 512])
+    float32.add_argument("--repeats", type=int, default=3)
+    float32.set_defaults(run=run_float32)
     return parser.parse_args(argv)
 
 
