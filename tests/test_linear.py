@@ -26,21 +26,20 @@ def test_packed_linear_is_bit_identical_and_repacks(dtype: torch.dtype) -> None:
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
-def test_float32_is_not_packed() -> None:
-    layer = Linear(8, 4, bias=False)
-    layer.repack()
-    assert layer.packed is None
-
-
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
-def test_float32_linears_run_on_onednn_over_the_plain_weight_and_agree_with_f_linear() -> None:
-    """No packed copy, so the same weights give the same bits before and after a repack."""
-    layer = Linear(96, 40, bias=True)
-    for rows in (1, 3, 64):
-        x = torch.randn(rows, 96)
-        onednn = torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
-        got = layer(x)
-        assert torch.equal(got, onednn)
+@pytest.mark.parametrize(("inputs", "outputs"), [(96, 40), (4864, 896)])  # and a down_proj's
+def test_float32_linears_give_the_same_bits_packed_or_not_and_agree_with_f_linear(
+    inputs: int, outputs: int
+) -> None:
+    """float32 runs on oneDNN (packed from two rows on, plain for one): an update's window
+    before the repack changes no result."""
+    layer = Linear(inputs, outputs, bias=True)
+    assert can_pack(layer.weight)
+    for rows in (1, 2, 3, 7, 64, 130):
+        x = torch.randn(rows, inputs)
+        layer.packed = None
+        plain = layer(x)
         layer.repack()
-        assert torch.equal(layer(x), got)
-        torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias))
+        assert layer.packed is not None
+        assert torch.equal(layer(x), plain)
+        torch.testing.assert_close(plain, F.linear(x, layer.weight, layer.bias))

@@ -1,5 +1,5 @@
-"""Linear layers that use oneDNN prepacked weights on CPU in bfloat16/float16, and the AMX
-kernel for bf16 matmuls of few rows.
+"""Linear layers that use oneDNN prepacked weights on CPU (bfloat16, float16, float32), and
+the AMX kernel for bf16 matmuls of few rows.
 
 oneDNN multiplies ~1.5x faster at decode batch sizes when the weight is laid out for it in
 advance, with bit-identical results. The packed copy is derived state: whoever changes a
@@ -20,10 +20,12 @@ _PACK_BATCH_HINT = 64  # the layout suits any batch; 64 is a typical decode batc
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    """oneDNN packs bf16 on any AVX-512 CPU, but fp16 only where the CPU converts fp16 itself
-    (avx512_fp16 or avx_ne_convert): elsewhere its reorder raises."""
+    """oneDNN packs float32 everywhere and bf16 on any AVX-512 CPU, but fp16 only where the
+    CPU converts fp16 itself (avx512_fp16 or avx_ne_convert): elsewhere its reorder raises."""
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
+    if weight.dtype == torch.float32:
+        return True
     if weight.dtype == torch.bfloat16:
         return torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return weight.dtype == torch.float16 and torch.ops.mkldnn._is_mkldnn_fp16_supported()
@@ -36,13 +38,19 @@ def pack(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 def onednn_float32(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a float32 matmul goes to oneDNN on its plain weight. F.linear takes float32 to
-    the BLAS PyTorch was built with, which on an AMD EPYC ran 2-3x slower than oneDNN at
-    every row count and 8x at 3 rows (BENCHMARKS.md, "float32 linears"). oneDNN reads the
-    weight as it is (no packed copy: float32 weights are the largest), so results do not
-    change with weight updates or repacking."""
+    """Whether a float32 matmul goes to oneDNN on its plain weight (unpacked, or one row).
+    F.linear takes float32 to the BLAS PyTorch was built with, which on an AMD EPYC ran 2-4x
+    slower than oneDNN at every row count (BENCHMARKS.md, "float32 linears")."""
     return (x.dtype == weight.dtype == torch.float32 and weight.device.type == "cpu"
             and torch.backends.mkldnn.is_available())
+
+
+def _packed_serves(x: torch.Tensor) -> bool:
+    """A packed float32 weight takes two rows or more. For one row oneDNN sums in another
+    order over a packed weight than over the plain one (from two rows on the bits agree), and
+    reads the plain one as fast: so a float32 result never depends on whether the weight
+    was repacked yet after an update."""
+    return x.dtype != torch.float32 or x.numel() > x.shape[-1]
 
 
 def linear(
@@ -51,7 +59,7 @@ def linear(
 ) -> torch.Tensor:
     if amx is not None and amx.serves(x, weight):
         return amx(x, weight, bias)
-    if packed is not None:
+    if packed is not None and _packed_serves(x):
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     if onednn_float32(x, weight):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
