@@ -20,7 +20,7 @@ The measurement behind `dtype="auto"` computing 16-bit checkpoints in float32 on
 only emulate them (`models/loader.py`, `auto_dtype`).
 
 float32: the same linears in float32, the engine's path (oneDNN over the plain weight,
-models/linear.py onednn_float32) against F.linear (the BLAS PyTorch was built with),
+models/linear.py, `linear`) against F.linear (the BLAS PyTorch was built with),
 alternating; prints both and their ratio.
 
 Decode and prefill attention have scripts of their own (bench.decode_attention,

@@ -20,10 +20,10 @@ from rollserve.kernels.build import FLOAT, INT, INT64, POINTER
 
 logger = logging.getLogger(__name__)
 
-# decode_layers.c's MAX_ROWS. At 1-3 rows the kernel's step beats layer-by-layer (1.1-1.2x at
-# one row, ~1.04 at two or three), from four rows oneDNN's matmuls win (BENCHMARKS.md).
+# decode_layers.c's MAX_ROWS. At 1-3 rows the kernel's step beats layer-by-layer (1.14-1.16x at
+# one row, 1.04-1.08 at two or three in bf16), from four rows oneDNN's matmuls win
+# (BENCHMARKS.md, "Batch-1 decode in one native call").
 MAX_ROWS = 3
-WEIGHTS_PER_LAYER = 9  # struct LayerWeights
 _DOT_STEP = 32  # the dot products' step: hidden, intermediate and query sizes divide by it
 
 

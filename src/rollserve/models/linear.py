@@ -37,7 +37,7 @@ def pack(weight: torch.Tensor) -> torch.Tensor | None:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH_HINT)
 
 
-def onednn_float32(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _onednn_float32(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a float32 matmul goes to oneDNN on its plain weight (unpacked, or one row).
     F.linear takes float32 to the BLAS PyTorch was built with, which on an AMD EPYC ran 2-4x
     slower than oneDNN at every row count (BENCHMARKS.md, "float32 linears")."""
@@ -61,7 +61,7 @@ def linear(
         return amx(x, weight, bias)
     if packed is not None and _packed_serves(x):
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    if onednn_float32(x, weight):
+    if _onednn_float32(x, weight):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 

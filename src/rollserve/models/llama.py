@@ -256,8 +256,9 @@ class CausalLM(nn.Module):
 
     def layer_shape(self) -> LayerShape:
         """The shape of this rank's decoder layers, as the DecodeLayers kernel takes it."""
-        attn, config = self.model.layers[0].self_attn, self.config
-        return LayerShape(config.hidden_size, config.intermediate_size, attn.num_kv_heads,
+        layer = self.model.layers[0]
+        attn, intermediate = layer.self_attn, layer.mlp.down_proj.in_features
+        return LayerShape(self.config.hidden_size, intermediate, attn.num_kv_heads,
                           attn.num_heads // attn.num_kv_heads, attn.head_dim, attn.qk_norm)
 
     def use_decode_layers(self, kernel: DecodeLayers | None) -> None:
