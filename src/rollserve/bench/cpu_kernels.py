@@ -19,7 +19,7 @@ prepacked where it packs that dtype), alternating; prints each dtype's time over
 The measurement behind `dtype="auto"` computing 16-bit checkpoints in float32 on CPUs that
 only emulate them (`models/loader.py`, `auto_dtype`).
 
-float32: the same linears in float32, the engine's path (oneDNN over the plain weight,
+float32: the same linears in float32, the engine's path (oneDNN, prepacked from two rows,
 models/linear.py, `linear`) against F.linear (the BLAS PyTorch was built with),
 alternating; prints both and their ratio.
 
