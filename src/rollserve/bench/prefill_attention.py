@@ -1,9 +1,10 @@
 """Prefill (extend) attention of one sequence: the native kernel against SDPA.
 
-    python -m rollserve.bench.prefill_attention --lengths 96 288 512
+    python -m rollserve.bench.prefill_attention --lengths 96 288 512 --dtype bfloat16
 
-Qwen2.5-0.5B's attention shapes (14 query heads, 2 KV heads, head_dim 64, bf16), causal,
-one layer. Three timings per length, each the median of --repeats calls with torch's thread
+Qwen2.5-0.5B's attention shapes (14 query heads, 2 KV heads, head_dim 64), causal, one
+layer, in bfloat16 or float32; the kernel is the build the engine would pick here
+(ROLLSERVE_CPU_ISA=avx2 forces the AVX2 one). Three timings per length, each the median of --repeats calls with torch's thread
 count: SDPA on contiguous K/V (a bare call), the engine's SDPA path (paged_attention without
 the kernel: K/V written to the pool, gathered back by slot, padded to 32 rows) and the
 kernel's path (paged_attention with it: K/V written to the pool and read there in place).
@@ -28,7 +29,7 @@ SCALE = HEAD_DIM**-0.5
 def measure(q_len: int, prefix: int, kernel: PrefillAttention, repeats: int) -> None:
     """Times one length and prints its row."""
     gen = torch.Generator().manual_seed(q_len)
-    kv_len, dtype = prefix + q_len, torch.bfloat16
+    kv_len, dtype = prefix + q_len, kernel.dtype
     pool = torch.randn(2, 1, KV_HEADS, kv_len + 1, HEAD_DIM, generator=gen).to(dtype)
     q = torch.randn(q_len, HEADS, HEAD_DIM, generator=gen).to(dtype)
     k, v = pool[0, 0, :, -q_len:].transpose(0, 1), pool[1, 0, :, -q_len:].transpose(0, 1)
@@ -61,15 +62,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[96, 288, 512])
     parser.add_argument("--prefix", type=int, default=0, help="cached tokens before them")
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     args = parser.parse_args(argv)
-    kernel = make_prefill_attention(
-        torch.device("cpu"), torch.bfloat16, HEAD_DIM, HEADS // KV_HEADS
-    )
+    dtype = getattr(torch, args.dtype)
+    kernel = make_prefill_attention(torch.device("cpu"), dtype, HEAD_DIM, HEADS // KV_HEADS)
     if kernel is None:
-        raise SystemExit("the prefill-attention kernel does not apply on this machine")
+        raise SystemExit(f"the prefill-attention kernel does not apply to {args.dtype} here")
     print(cpu_line())
     print(f"{torch.get_num_threads()} threads, {HEADS}/{KV_HEADS} heads, head_dim {HEAD_DIM},"
-          f" bf16, causal after {args.prefix} cached tokens")
+          f" {args.dtype} ({kernel.isa} build), causal after {args.prefix} cached tokens")
     print(f"{'q_len':>6}{'sdpa ms':>9}{'path ms':>9}{'kernel ms':>11}{'GFLOP/s':>9}"
           f"{'vs sdpa':>9}{'vs path':>9}")
     for q_len in args.lengths:

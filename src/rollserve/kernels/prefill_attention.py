@@ -1,10 +1,10 @@
-"""Prefill (extend) attention through the kernel in prefill_attention.c (CPU, bfloat16,
-AVX-512 with AVX512_BF16 only).
+"""Prefill (extend) attention through the kernel in prefill_attention.c: bfloat16 on
+AVX-512 CPUs with AVX512_BF16, float32 on AVX-512 and AVX2 + FMA.
 
 `make_prefill_attention` returns None wherever the kernel does not apply (another device
-or dtype, a head size that is no multiple of 32, a CPU without AVX-512 or AVX512_BF16, an
-ISA forced below AVX-512, no C compiler): the engine then keeps SDPA, which computes the
-same attention.
+or dtype, a head size that is no multiple of 32, bfloat16 without AVX512_BF16 or with an ISA
+forced below AVX-512, no native ISA, no C compiler): the engine then keeps SDPA, which
+computes the same attention.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from rollserve.kernels.build import FLOAT, INT, INT64, POINTER
 
 logger = logging.getLogger(__name__)
 
-# The kernel's dot products are vdpbf16ps (AVX512_BF16), beyond what ISA_FLAGS["avx512"]
-# lets the compiler use.
+# The bfloat16 kernel's dot products are vdpbf16ps (AVX512_BF16), beyond what
+# ISA_FLAGS["avx512"] lets the compiler use; the float32 kernel's are FMAs.
 _BF16_FLAGS = ("-mavx512bf16",)
+_ISAS = {torch.bfloat16: ("avx512",), torch.float32: ("avx512", "avx2")}
 
 
 class PrefillAttention:
@@ -28,16 +29,20 @@ class PrefillAttention:
     kv_slots [kv_len] int64, scale, out) -> out [q_len, heads, dim]. Query i sees keys
     0 .. kv_len - q_len + i: causal after a cached prefix of kv_len - q_len tokens."""
 
-    def __init__(self, head_dim: int, group: int) -> None:
+    def __init__(self, head_dim: int, group: int, dtype: torch.dtype = torch.bfloat16,
+                 isa: str = "avx512") -> None:
+        if isa not in _ISAS.get(dtype, ()):
+            raise ValueError(f"no prefill-attention kernel for {dtype} on {isa}: there are "
+                             "bfloat16 on avx512, float32 on avx512 and avx2")
         library = build.load_kernel("prefill_attention", {
-            "HEAD_DIM": head_dim, "GROUP": group, **build.ELEMENT_MACROS[torch.bfloat16],
-        }, "avx512", _BF16_FLAGS)
+            "HEAD_DIM": head_dim, "GROUP": group, **build.ELEMENT_MACROS[dtype],
+        }, isa, _BF16_FLAGS if dtype == torch.bfloat16 else ())
         self._run = build.bind(library, "prefill_attention", [
             POINTER, INT64, POINTER, POINTER, INT64, POINTER, INT64, INT64, POINTER, INT64,
             FLOAT, INT,
         ], returns=INT)
         self.head_dim, self.group = head_dim, group
-        self.dtype, self.isa = torch.bfloat16, "avx512"
+        self.dtype, self.isa = dtype, isa
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_slots: torch.Tensor,
@@ -74,12 +79,13 @@ def make_prefill_attention(
     device: torch.device, dtype: torch.dtype, head_dim: int, group: int
 ) -> PrefillAttention | None:
     """The kernel where it applies here, else None (the caller keeps SDPA)."""
-    if dtype != torch.bfloat16 or head_dim % 32 or build.native_isa(device, dtype) != "avx512":
+    isa = build.native_isa(device, dtype)
+    if dtype not in _ISAS or isa not in _ISAS[dtype] or head_dim % 32:
         return None
-    if not torch.cpu._is_avx512_bf16_supported():
+    if dtype == torch.bfloat16 and not torch.cpu._is_avx512_bf16_supported():
         return None
     try:
-        return PrefillAttention(head_dim, group)
+        return PrefillAttention(head_dim, group, dtype, isa)
     except build.KernelBuildError as exc:
         logger.warning("prefill-attention kernel unavailable, using SDPA: %s", exc)
         return None
