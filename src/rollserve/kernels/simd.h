@@ -69,7 +69,8 @@ static inline void store_floats(float *p, vfloat x, vmask m) { _mm512_mask_store
 
 #if ELEM_IS_BF16
 static inline vfloat load_elems(const ELEM *p, vmask m) {
-    const __m256i half = _mm256_maskz_loadu_epi16(m, p);
+    const __m256i half = m == ALL_LANES ? _mm256_loadu_si256((const __m256i *)p)
+                                        : _mm256_maskz_loadu_epi16(m, p);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
@@ -86,7 +87,9 @@ static inline vfloat round_elems(vfloat x) {
 }
 
 static inline void store_elems(ELEM *p, vfloat x, vmask m) {
-    _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_bits(x), 16)));
+    const __m256i half = _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_bits(x), 16));
+    if (m == ALL_LANES) _mm256_storeu_si256((__m256i *)p, half);
+    else _mm256_mask_storeu_epi16(p, m, half);
 }
 #endif
 
