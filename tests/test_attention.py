@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rollserve.models.attention import AttentionBatch, ExtendSpan, paged_attention
+from rollserve.models.attention import AttentionBatch, ExtendSpan, paged_attention, write_kv
 
 HEADS, KV_HEADS, DIM, POOL = 6, 2, 32, 4096
 
@@ -43,7 +43,8 @@ def test_extend_attention_matches_float64_reference(dtype, tolerance, prefix, q_
         positions, slots[prefix:], 0, None, None, None,
         [ExtendSpan(0, q_len, slots, mask)], k_cache, v_cache,
     )
-    out = paged_attention(0, q, k, v, batch, DIM**-0.5)
+    write_kv(0, k, v, batch)
+    out = paged_attention(0, q, batch, DIM**-0.5)
     ref = _reference(q, k_cache[0][:, slots], v_cache[0][:, slots], prefix)
     assert out.dtype == dtype and out.shape == q.shape
     assert ((out.double() - ref).norm() / ref.norm()).item() < tolerance

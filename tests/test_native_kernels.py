@@ -1,7 +1,7 @@
-"""The native CPU kernels compute what the eager PyTorch path computes: decode attention
-against a float64 reference, the fused norms, SwiGLU and rotary against the eager ops they
-replace, and the engine gives the same tokens with them as without them. Every kernel test
-runs for each instruction set this CPU runs (native_isas.ISAS)."""
+"""The native CPU kernels compute what the eager PyTorch path computes: decode attention against a
+float64 reference, the fused norms, SwiGLU and rotary (with the K/V write) against the eager ops
+they replace, and the engine gives the same tokens with them as without them. Every kernel test runs
+for each instruction set this CPU runs (native_isas.ISAS)."""
 
 from __future__ import annotations
 
@@ -105,32 +105,51 @@ def test_fused_silu_and_mul_matches_eager(isa, dtype) -> None:
     _assert_close_to_eager(fused, eager)
 
 
+def _rotary_inputs(dtype: torch.dtype, head_dim: int, heads: int, kv_heads: int,
+                   tokens: int = 13) -> tuple:
+    """q, k, v as views into one qkv projection output (rows apart, heads contiguous), cos
+    and sin, a one-layer pool and scattered slots for the tokens."""
+    gen = torch.Generator().manual_seed(head_dim + heads)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    angles = torch.rand(tokens, 1, head_dim, generator=gen) * 6
+    pool = torch.randn(2, kv_heads, 40, head_dim, generator=gen).to(dtype)
+    slots = torch.randperm(40, generator=gen)[:tokens]
+    return (qkv, q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim),
+            v.view(tokens, kv_heads, head_dim), angles.cos().to(dtype), angles.sin().to(dtype),
+            pool, slots)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [16, 24, 64, 128])  # 24: half a row is no whole block
-def test_fused_rotary_equals_eager(isa, dtype, head_dim) -> None:
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(13, 6, head_dim, generator=gen).to(dtype)
-    angles = torch.rand(13, 1, head_dim, generator=gen) * 6
-    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
-    eager = apply_rotary(x.clone(), cos, sin)
-    fused = FusedElementwise(dtype, isa).rotary(x.clone(), cos, sin)
-    assert torch.equal(fused, eager)  # no reduction: the same roundings in the same order
+def test_fused_rotary_and_kv_write_equal_eager_rotary_and_index_put(isa, dtype, head_dim) -> None:
+    qkv, q, k, v, cos, sin, pool, slots = _rotary_inputs(dtype, head_dim, 6, 2)
+    before, expected = qkv.clone(), pool.clone()
+    expected[0][:, slots] = apply_rotary(k.clone(), cos, sin).transpose(0, 1)
+    expected[1][:, slots] = v.transpose(0, 1)
+    eager_q = apply_rotary(q.clone(), cos, sin)
+    fused_q = FusedElementwise(dtype, isa).rotary_store_kv(q, k, v, cos, sin, pool[0], pool[1],
+                                                          slots)
+    # No reduction: the same roundings in the same order, so the same bits.
+    assert fused_q.data_ptr() == q.data_ptr() and torch.equal(fused_q, eager_q)
+    assert torch.equal(pool, expected)  # the tokens' slots written, every other slot kept
+    head_rows = q.shape[1] * head_dim
+    assert torch.equal(qkv[:, head_rows:], before[:, head_rows:])  # k and v left as they were
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_rotary_rotates_a_view_into_the_qkv_output_and_nothing_else(isa, dtype) -> None:
-    gen = torch.Generator().manual_seed(7)
-    qkv = torch.randn(13, 3 * 4 * 32, generator=gen).to(dtype)  # q, k, v of 4 heads x 32
-    angles = torch.rand(13, 1, 32, generator=gen) * 6
-    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
-    before = qkv.clone()
-    k = qkv[:, 128:256].view(13, 4, 32)
-    FusedElementwise(dtype, isa).rotary(k, cos, sin)
-    assert torch.equal(k, apply_rotary(before[:, 128:256].reshape(13, 4, 32), cos, sin))
-    assert torch.equal(qkv[:, :128], before[:, :128])
-    assert torch.equal(qkv[:, 256:], before[:, 256:])
+def test_fused_rotary_and_kv_write_refuse_mismatched_tensors(isa) -> None:
+    fused = FusedElementwise(torch.float32, isa)
+    _, q, k, v, cos, sin, pool, slots = _rotary_inputs(torch.float32, 32, 4, 2)
+    with pytest.raises(ValueError, match="slots"):
+        fused.rotary_store_kv(q, k, v, cos, sin, pool[0], pool[1], slots[:5])
+    with pytest.raises(ValueError, match="slots"):
+        fused.rotary_store_kv(q, k, v, cos, sin, pool[0], pool[1], slots.int())
+    with pytest.raises(ValueError, match="shapes"):
+        fused.rotary_store_kv(q, k, v, cos, sin, pool[0][:1], pool[1][:1], slots)
+    with pytest.raises(ValueError, match="dtype"):
+        fused.rotary_store_kv(q, k, v, cos, sin, pool[0].double(), pool[1].double(), slots)
 
 
 def test_kernels_are_not_used_where_they_do_not_apply() -> None:
@@ -166,17 +185,16 @@ def test_avx2_and_avx512_builds_give_the_same_bits_where_nothing_is_summed(dtype
     gen = torch.Generator().manual_seed(6)
     gate = torch.cat([torch.randn(5, 14, generator=gen) * 30, torch.tensor([EXTREMES])])
     gate, up = gate.to(dtype), torch.randn(6, 14, generator=gen).to(dtype)
-    x = torch.randn(7, 3, 48, generator=gen).to(dtype)
-    angles = torch.rand(7, 1, 48, generator=gen) * 6
-    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    _, q, k, v, cos, sin, pool, slots = _rotary_inputs(dtype, 48, 3, 1)
     bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
     outputs = []
     for isa in runnable_isas():
-        fused = FusedElementwise(dtype, isa)
+        fused, written = FusedElementwise(dtype, isa), pool.clone()
+        rotated = fused.rotary_store_kv(q.clone(), k, v, cos, sin, written[0], written[1], slots)
         outputs.append((fused.silu_and_mul(torch.cat([gate, up], dim=-1)).view(bits),
-                        fused.rotary(x.clone(), cos, sin).view(bits)))
-    for silu, rotary in outputs[1:]:
-        assert torch.equal(silu, outputs[0][0]) and torch.equal(rotary, outputs[0][1])
+                        rotated.view(bits), written.view(bits)))
+    for output in outputs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(output, outputs[0], strict=True))
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -218,9 +236,10 @@ def test_kernels_refuse_tensors_they_were_not_built_for(isa) -> None:
         fused.silu_and_mul(torch.ones(32, 2).t())
     with pytest.raises(ValueError, match="gate and up halves"):
         fused.silu_and_mul(torch.ones(2, 33))
+    ones = torch.ones(4, 1, 16)
     with pytest.raises(ValueError, match="layout"):
-        fused.rotary(torch.ones(3, 4, 16).transpose(0, 1), torch.ones(4, 1, 16),
-                     torch.ones(4, 1, 16))
+        fused.rotary_store_kv(torch.ones(3, 4, 16).transpose(0, 1), ones, ones, ones, ones,
+                              torch.ones(1, 8, 16), torch.ones(1, 8, 16), torch.arange(4))
     attention = DecodeAttention(16, 2, torch.float32, isa)
     k = torch.ones(2, 10, 16)
     with pytest.raises(ValueError, match="head layout"):

@@ -13,7 +13,7 @@ from rollserve import Engine
 from rollserve.kernels.build import ISA_ENV, runnable_isas
 from rollserve.kernels.prefill_attention import PrefillAttention, make_prefill_attention
 from rollserve.models import attention
-from rollserve.models.attention import AttentionBatch, ExtendSpan, paged_attention
+from rollserve.models.attention import AttentionBatch, ExtendSpan, paged_attention, write_kv
 
 CPU = torch.device("cpu")
 KV_HEADS, POOL = 2, 1500
@@ -62,7 +62,8 @@ def _attend(kernel: PrefillAttention | None, q, k, v, k_cache, v_cache, slots, p
         [ExtendSpan(0, q_len, slots, _prefix_mask(q_len, prefix))], k_cache.clone(),
         v_cache.clone(), extend_kernel=kernel,
     )
-    return paged_attention(0, q, k, v, batch, head_dim**-0.5)
+    write_kv(0, k, v, batch)
+    return paged_attention(0, q, batch, head_dim**-0.5)
 
 
 @pytest.mark.parametrize(("dtype", "isa"), BUILDS)

@@ -20,7 +20,7 @@ import torch
 
 from rollserve.kernels.build import runnable_isas
 from rollserve.kernels.decode_attention import DecodeAttention
-from rollserve.models.attention import AttentionBatch, paged_attention
+from rollserve.models.attention import AttentionBatch, paged_attention, write_kv
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM = 24, 14, 2, 64
 
@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
         batch = AttentionBatch(lens - 1, slots[:, -1].clone(), n, slots, lens,
                                None if decode_kernel else padding, [], k_cache, v_cache,
                                decode_kernel)
-        return lambda layer: paged_attention(layer, q, k_new, k_new, batch, HEAD_DIM**-0.5)
+        return lambda layer: (write_kv(layer, k_new, k_new, batch),
+                              paged_attention(layer, q, batch, HEAD_DIM**-0.5))
 
     peer = median_seconds(attend_with(None), args.repeats)
     gigabytes = n * kv_len * KV_HEADS * HEAD_DIM * 2 * 2 * LAYERS / 1e9

@@ -2,10 +2,10 @@
 
     python -m rollserve.bench.prefill_attention --lengths 96 288 512 --dtype bfloat16
 
-Qwen2.5-0.5B's attention shapes (14 query heads, 2 KV heads, head_dim 64), causal, one
-layer, in bfloat16 or float32; the kernel is the build the engine would pick here
-(ROLLSERVE_CPU_ISA=avx2 forces the AVX2 one). Three timings per length, each the median of --repeats calls with torch's thread
-count: SDPA on contiguous K/V (a bare call), the engine's SDPA path (paged_attention without
+Qwen2.5-0.5B's attention shapes (14 query heads, 2 KV heads, head_dim 64), causal, one layer, in
+bfloat16 or float32; the kernel is the build the engine would pick here (ROLLSERVE_CPU_ISA=avx2
+forces the AVX2 one). Three timings per length, each the median of --repeats calls with torch's
+thread count: SDPA on contiguous K/V (a bare call), the engine's SDPA path (paged_attention without
 the kernel: K/V written to the pool, gathered back by slot, padded to 32 rows) and the
 kernel's path (paged_attention with it: K/V written to the pool and read there in place).
 """
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from rollserve.bench.timing import cpu_line, median_seconds
 from rollserve.kernels.prefill_attention import PrefillAttention, make_prefill_attention
-from rollserve.models.attention import AttentionBatch, ExtendSpan, paged_attention
+from rollserve.models.attention import AttentionBatch, ExtendSpan, paged_attention, write_kv
 
 HEADS, KV_HEADS, HEAD_DIM = 14, 2, 64
 SCALE = HEAD_DIM**-0.5
@@ -43,7 +43,7 @@ def measure(q_len: int, prefix: int, kernel: PrefillAttention, repeats: int) -> 
             torch.arange(prefix, kv_len), slots[prefix:], 0, None, None, None,
             [ExtendSpan(0, q_len, slots, mask)], pool[0], pool[1], extend_kernel=extend_kernel,
         )
-        return lambda: paged_attention(0, q, k, v, batch, SCALE)
+        return lambda: (write_kv(0, k, v, batch), paged_attention(0, q, batch, SCALE))
 
     queries, keys, values = q.transpose(0, 1)[None], pool[0, :, :, 1:], pool[1, :, :, 1:]
     bare = median_seconds(lambda: F.scaled_dot_product_attention(

@@ -32,13 +32,27 @@ void silu_and_mul(const ELEM *gate_up, ELEM *out, int64_t rows, int64_t size, in
     }
 }
 
-/* Rotary embedding in place on x [tokens, heads, head_dim] (rows token_stride apart), with
- * cos and sin [tokens, head_dim] already rounded to ELEM: rotary_head on every head. */
-void rotary(ELEM *x, const ELEM *cos, const ELEM *sin, int64_t tokens, int64_t heads,
-            int64_t head_dim, int64_t token_stride, int threads) {
+/* Rotary embedding (rotary_head) on q in place, then each token's k and v rows into the KV
+ * pool at its slot, k rotated there: one pass where PyTorch takes two rotary calls and two
+ * index_put scatters. k and v are left as they were (nothing reads them after: attention
+ * reads the pool). Layouts: q [tokens, heads, head_dim], k and v [tokens, kv_heads,
+ * head_dim], rows of each their own stride apart, each row's heads contiguous; cos and sin
+ * [tokens, head_dim]; k_cache and v_cache [kv_heads, pool_slots, head_dim] (one layer of the
+ * pool); slots [tokens], each < pool_slots, all distinct. */
+void rotary_store_kv(ELEM *q, const ELEM *k, const ELEM *v, const ELEM *cos, const ELEM *sin,
+                     ELEM *k_cache, ELEM *v_cache, const int64_t *slots, int64_t tokens,
+                     int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t q_stride,
+                     int64_t k_stride, int64_t v_stride, int64_t pool_slots, int threads) {
+    const size_t row_bytes = (size_t)head_dim * sizeof(ELEM);
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < tokens; t++)
-        for (int64_t h = 0; h < heads; h++)
-            rotary_head(x + t * token_stride + h * head_dim, cos + t * head_dim,
-                        sin + t * head_dim, head_dim);
+    for (int64_t t = 0; t < tokens; t++) {
+        const ELEM *c = cos + t * head_dim, *s = sin + t * head_dim;
+        for (int64_t h = 0; h < heads; h++) rotary_head(q + t * q_stride + h * head_dim, c, s, head_dim);
+        for (int64_t h = 0; h < kv_heads; h++) {
+            const int64_t row = (h * pool_slots + slots[t]) * head_dim;
+            memcpy(k_cache + row, k + t * k_stride + h * head_dim, row_bytes);
+            rotary_head(k_cache + row, c, s, head_dim);
+            memcpy(v_cache + row, v + t * v_stride + h * head_dim, row_bytes);
+        }
+    }
 }

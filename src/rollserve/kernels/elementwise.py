@@ -1,6 +1,7 @@
-"""Fused RMSNorm (with the residual add before it), SwiGLU and rotary embedding on CPU, one
-pass over memory each, through elementwise.c (bf16 or float32; same roundings as the eager
-PyTorch ops they replace; built for AVX-512 or AVX2, see build.selected_isa)."""
+"""Fused RMSNorm (with the residual add before it), SwiGLU, and rotary embedding with the K/V write
+into the pool on CPU, one pass over memory each, through elementwise.c (bf16 or float32; same
+roundings as the eager PyTorch ops they replace; built for AVX-512 or AVX2, see
+build.selected_isa)."""
 
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ class FusedElementwise:
         self._silu_and_mul = build.bind(
             library, "silu_and_mul", [POINTER, POINTER, INT64, INT64, INT]
         )
-        self._rotary = build.bind(
-            library, "rotary", [POINTER, POINTER, POINTER, INT64, INT64, INT64, INT64, INT]
-        )
+        self._rotary_store_kv = build.bind(library, "rotary_store_kv", [
+            POINTER, POINTER, POINTER, POINTER, POINTER, POINTER, POINTER, POINTER, INT64,
+            INT64, INT64, INT64, INT64, INT64, INT64, INT64, INT,
+        ])
         self.dtype, self.isa = dtype, isa
 
     def rms_norm(
@@ -57,18 +59,32 @@ class FusedElementwise:
                            torch.get_num_threads())
         return out
 
-    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [tokens, heads, head_dim] rotated in place by cos, sin [tokens, 1, head_dim]
-        (already in x's dtype); returns x. Rows of x may lie apart (q and k are views into
-        the fused qkv projection's output); each row's heads are contiguous."""
-        tokens, heads, head_dim = x.shape
-        self._check(cos, sin)
-        build.require(x.dtype == self.dtype and x.device.type == "cpu"
-                      and x.stride()[1:] == (head_dim, 1), "tensor dtype, layout or device")
+    def rotary_store_kv(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+        sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+    ) -> torch.Tensor:
+        """q [tokens, heads, head_dim] rotated in place (returned); k rotated and v, both
+        [tokens, kv_heads, head_dim], written into one layer of the pool, k_cache and v_cache
+        [kv_heads, pool_slots, head_dim], at `slots` [tokens] (the engine's slots: distinct,
+        inside the pool). k and v themselves stay unrotated."""
+        tokens, heads, head_dim = q.shape
+        kv_heads, pool_slots, _ = k_cache.shape
+        self._check(cos, sin, k_cache, v_cache)
+        for x in (q, k, v):
+            build.require(x.dtype == self.dtype and x.device.type == "cpu"
+                          and x.stride()[1:] == (head_dim, 1), "tensor dtype, layout or device")
+        build.require(k.shape == v.shape == (tokens, kv_heads, head_dim)
+                      and k_cache.shape == v_cache.shape, "k, v and the pool's shapes")
         build.require(cos.shape == sin.shape == (tokens, 1, head_dim), "cos and sin shapes")
-        self._rotary(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), tokens, heads, head_dim,
-                     x.stride(0), torch.get_num_threads())
-        return x
+        build.require(slots.dtype == torch.int64 and slots.shape == (tokens,), "slots")
+        slots = slots.contiguous()
+        self._rotary_store_kv(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+            k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), tokens, heads, kv_heads,
+            head_dim, q.stride(0), k.stride(0), v.stride(0), pool_slots,
+            torch.get_num_threads(),
+        )
+        return q
 
     def _check(self, *tensors: torch.Tensor) -> None:
         # The kernels read raw memory: dtype and layout are checked before every call.

@@ -1,12 +1,14 @@
 """Attention over the token-level KV pool: the one attention path of the engine.
 
 A forward pass sees a flattened batch of tokens ordered as [all decode tokens, then each
-extend (prefill) sequence's tokens]. Decode tokens attend through the native CPU kernel when
-the batch carries one (rollserve.kernels.decode_attention), else as one padded PyTorch batch.
-Each extend sequence attends on its own: through the native CPU kernel when the batch carries
-one (rollserve.kernels.prefill_attention: bf16 on AVX512_BF16 CPUs, reading K/V from the
-pool in place), else through SDPA on its K/V gathered from the pool (a bf16 span on CPU
-padded at the end to SDPA's block size, see _causal_padding).
+extend (prefill) sequence's tokens]. Each layer first writes the batch's K/V into the pool
+(write_kv, or the native rotary kernel), then attends over the pool. Decode tokens attend
+through the native CPU kernel when the batch carries one (rollserve.kernels.decode_attention),
+else as one padded PyTorch batch. Each extend sequence attends on its own: through the native
+CPU kernel when the batch carries one (rollserve.kernels.prefill_attention: bf16 on
+AVX512_BF16 CPUs, float32 on AVX-512 and AVX2; K/V read from the pool in place), else through
+SDPA on its K/V gathered from the pool (a bf16 span on CPU padded at the end to SDPA's block
+size, see _causal_padding).
 """
 
 from __future__ import annotations
@@ -63,14 +65,19 @@ def attention_backends() -> AbstractContextManager:
     return sdpa_kernel(_SDPA_BACKENDS)
 
 
+def write_kv(layer: int, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch) -> None:
+    """k, v [tokens, kv_heads, dim] into the pool at the batch's out_slots. (With native
+    kernels the model writes them in its rotary kernel, FusedElementwise.rotary_store_kv.)"""
+    batch.k_cache[layer][:, batch.out_slots] = k.transpose(0, 1)
+    batch.v_cache[layer][:, batch.out_slots] = v.transpose(0, 1)
+
+
 def paged_attention(
-    layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch,
-    scale: float,
+    layer: int, q: torch.Tensor, batch: AttentionBatch, scale: float
 ) -> torch.Tensor:
-    """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]. Returns [tokens, heads, dim]."""
+    """q: [tokens, heads, dim] -> [tokens, heads, dim]. The pool already holds this step's
+    K/V at the batch's out_slots (write_kv): every query reads its keys there."""
     k_cache, v_cache = batch.k_cache[layer], batch.v_cache[layer]
-    k_cache[:, batch.out_slots] = k.transpose(0, 1)
-    v_cache[:, batch.out_slots] = v.transpose(0, 1)
     out = torch.empty_like(q)
     n = batch.num_decode
     if n and batch.decode_kernel is not None:

@@ -20,7 +20,7 @@ from torch import nn
 from rollserve.kernels.amx_linear import AmxLinear
 from rollserve.kernels.decode_layers import DecodeLayers, LayerShape, LayerWeights, WeightTable
 from rollserve.kernels.elementwise import FusedElementwise
-from rollserve.models.attention import AttentionBatch, paged_attention
+from rollserve.models.attention import AttentionBatch, paged_attention, write_kv
 from rollserve.models.config import ModelConfig
 from rollserve.models.linear import FusedLinear, Linear, linear, pack
 from rollserve.models.parallel import (
@@ -92,10 +92,12 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q.contiguous()), self.k_norm(k.contiguous())
         if self.fused is not None:
-            q, k = self.fused.rotary(q, *rope), self.fused.rotary(k, *rope)
+            q = self.fused.rotary_store_kv(q, k, v, *rope, batch.k_cache[self.layer],
+                                           batch.v_cache[self.layer], batch.out_slots)
         else:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out = paged_attention(self.layer, q, k, v, batch, self.scale)
+            write_kv(self.layer, k, v, batch)
+        out = paged_attention(self.layer, q, batch, self.scale)
         return self.tp.all_reduce(self.o_proj(out.reshape(tokens, -1)))
 
 
