@@ -11,9 +11,11 @@ import pytest
 
 from rollserve.kernels.build import runnable_isas
 
+HAS_COMPILER = shutil.which(os.environ.get("CC", "gcc")) is not None
+
 
 def _isa_params() -> list:
-    if shutil.which(os.environ.get("CC", "gcc")) is None:
+    if not HAS_COMPILER:
         reason = "no C compiler: the engine uses the PyTorch path"
     elif not runnable_isas():
         reason = "neither AVX2 nor AVX-512 here: the engine uses the PyTorch path"

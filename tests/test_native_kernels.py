@@ -150,6 +150,13 @@ def test_fused_rotary_and_kv_write_refuse_mismatched_tensors(isa) -> None:
         fused.rotary_store_kv(q, k, v, cos, sin, pool[0][:1], pool[1][:1], slots)
     with pytest.raises(ValueError, match="dtype"):
         fused.rotary_store_kv(q, k, v, cos, sin, pool[0].double(), pool[1].double(), slots)
+    with pytest.raises(ValueError, match="shapes"):  # a pool of another head size
+        fused.rotary_store_kv(q, k, v, cos, sin, pool[0][..., :16].contiguous(),
+                              pool[1][..., :16].contiguous(), slots)
+    for outside in (40, -1):
+        with pytest.raises(ValueError, match="slots outside the pool"):
+            fused.rotary_store_kv(q, k, v, cos, sin, pool[0], pool[1],
+                                  torch.cat([slots[:-1], torch.tensor([outside])]))
 
 
 def test_kernels_are_not_used_where_they_do_not_apply() -> None:

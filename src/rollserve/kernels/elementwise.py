@@ -74,9 +74,14 @@ class FusedElementwise:
             build.require(x.dtype == self.dtype and x.device.type == "cpu"
                           and x.stride()[1:] == (head_dim, 1), "tensor dtype, layout or device")
         build.require(k.shape == v.shape == (tokens, kv_heads, head_dim)
-                      and k_cache.shape == v_cache.shape, "k, v and the pool's shapes")
+                      and k_cache.shape == v_cache.shape == (kv_heads, pool_slots, head_dim),
+                      "k, v and the pool's shapes")
         build.require(cos.shape == sin.shape == (tokens, 1, head_dim), "cos and sin shapes")
-        build.require(slots.dtype == torch.int64 and slots.shape == (tokens,), "slots")
+        build.require(slots.dtype == torch.int64 and slots.shape == (tokens,)
+                      and slots.device.type == "cpu", "slots")
+        if tokens:  # the kernel writes where the slots say: inside the pool only
+            low, high = torch.aminmax(slots)
+            build.require(int(low) >= 0 and int(high) < pool_slots, "slots outside the pool")
         slots = slots.contiguous()
         self._rotary_store_kv(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),

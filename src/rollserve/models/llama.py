@@ -251,7 +251,8 @@ class CausalLM(nn.Module):
         self.slots = _checkpoint_slots(self)  # Hugging Face name -> where it lives
 
     def use_fused_elementwise(self, fused: FusedElementwise | None) -> None:
-        """Run norms, SwiGLU and rotary through `fused` (None: eager PyTorch ops)."""
+        """Run norms, SwiGLU, and rotary with the K/V write through `fused` (None: eager
+        PyTorch ops)."""
         for module in self.modules():
             if isinstance(module, (RMSNorm, Attention, MLP)):
                 module.fused = fused
