@@ -80,7 +80,7 @@ def make_prefill_attention(
 ) -> PrefillAttention | None:
     """The kernel where it applies here, else None (the caller keeps SDPA)."""
     isa = build.native_isa(device, dtype)
-    if dtype not in _ISAS or isa not in _ISAS[dtype] or head_dim % 32:
+    if isa not in _ISAS.get(dtype, ()) or head_dim % 32:
         return None
     if dtype == torch.bfloat16 and not torch.cpu._is_avx512_bf16_supported():
         return None
