@@ -38,6 +38,9 @@ ISA_FLAGS: dict[str, tuple[str, ...]] = {
     "avx512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"),
     "avx2": ("-mavx2", "-mfma"),
 }
+# vdpbf16ps (AVX512_BF16), beyond what ISA_FLAGS["avx512"] lets the compiler use: the bfloat16
+# dot products of the attention and decode-layers kernels.
+BF16_DOT_FLAGS = ("-mavx512bf16",)
 # torch's CPU capability -> the ISAs this CPU runs, best first. torch reports "AVX512" only
 # with AVX-512 F/BW/VL/DQ and FMA, "AVX2" only with FMA (and caps both at
 # ATEN_CPU_CAPABILITY); "DEFAULT" and non-x86 reports run neither.
@@ -126,6 +129,14 @@ def why_not_native(device: torch.device, dtype: torch.dtype) -> str | None:
         capability = torch.backends.cpu.get_cpu_capability()
         return f"they need AVX2 or AVX-512 and this CPU offers {capability}"
     return None
+
+
+def dot_flags(dtype: torch.dtype, isa: str) -> tuple[str, ...]:
+    """BF16_DOT_FLAGS for a bfloat16 build for avx512 on a CPU with AVX512_BF16, else none
+    (the kernels then widen bfloat16 to float32 and use FMAs)."""
+    if dtype == torch.bfloat16 and isa == "avx512" and torch.cpu._is_avx512_bf16_supported():
+        return BF16_DOT_FLAGS
+    return ()
 
 
 def load_kernel(

@@ -25,7 +25,7 @@ class DecodeAttention:
     def __init__(self, head_dim: int, group: int, dtype: torch.dtype, isa: str) -> None:
         library = build.load_kernel("decode_attention", {
             "HEAD_DIM": head_dim, "GROUP": group, **build.ELEMENT_MACROS[dtype],
-        }, isa)
+        }, isa, build.dot_flags(dtype, isa))
         self._run = build.bind(library, "decode_attention", [
             POINTER, POINTER, POINTER, INT64, POINTER, INT64, POINTER, POINTER, INT64, INT64,
             FLOAT, INT,

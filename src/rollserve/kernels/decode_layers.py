@@ -106,7 +106,7 @@ class DecodeLayers:
         macros = {"HIDDEN": shape.hidden, "INTERMEDIATE": shape.intermediate,
                   "KV_HEADS": shape.kv_heads, "GROUP": shape.group, "HEAD_DIM": shape.head_dim,
                   "QK_NORM": int(shape.qk_norm), **build.ELEMENT_MACROS[dtype]}
-        library = build.load_kernel("decode_layers", macros, isa, _dot_flags(dtype, isa))
+        library = build.load_kernel("decode_layers", macros, isa, build.dot_flags(dtype, isa))
         self._run = build.bind(library, "decode_layers", [
             POINTER, INT64, INT64, POINTER, POINTER, POINTER, POINTER, POINTER, POINTER, INT64,
             POINTER, POINTER, INT64, POINTER, FLOAT, FLOAT, POINTER, INT,
@@ -149,13 +149,6 @@ class DecodeLayers:
         if status != 0:
             raise MemoryError("decode layers could not allocate their scratch buffer")
         return x, residual
-
-
-def _dot_flags(dtype: torch.dtype, isa: str) -> tuple[str, ...]:
-    """vdpbf16ps for bf16 where the CPU has it (beyond what ISA_FLAGS["avx512"] allows)."""
-    if dtype == torch.bfloat16 and isa == "avx512" and torch.cpu._is_avx512_bf16_supported():
-        return ("-mavx512bf16",)
-    return ()
 
 
 def make_decode_layers(

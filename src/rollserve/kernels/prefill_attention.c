@@ -83,10 +83,6 @@ static inline void store_probs(unit *p, vfloat low, vfloat high) {
  * float32's blocks are twice that, and 32 or 128 rows measured no faster. */
 #define ITEM_POSITIONS ((64 + GROUP - 1) / GROUP)
 #define ITEM_ROWS ((ITEM_POSITIONS * GROUP + ROW_TILE - 1) / ROW_TILE * ROW_TILE)
-/* Loops over a tile's rows and vectors are unrolled so that GCC keeps their accumulators
- * in registers (rolled, it stored all of them to the stack on every step of the dot-product
- * loop). */
-#define UNROLLED _Pragma("GCC unroll 16")
 #define LOG2E 1.44269504088896341f
 
 #if HEAD_DIM % 32

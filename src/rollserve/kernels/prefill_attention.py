@@ -18,9 +18,8 @@ from rollserve.kernels.build import FLOAT, INT, INT64, POINTER
 
 logger = logging.getLogger(__name__)
 
-# The bfloat16 kernel's dot products are vdpbf16ps (AVX512_BF16), beyond what
-# ISA_FLAGS["avx512"] lets the compiler use; the float32 kernel's are FMAs.
-_BF16_FLAGS = ("-mavx512bf16",)
+# The bfloat16 kernel's dot products are vdpbf16ps (build.BF16_DOT_FLAGS); the float32
+# kernel's are FMAs.
 _ISAS = {torch.bfloat16: ("avx512",), torch.float32: ("avx512", "avx2")}
 
 
@@ -36,7 +35,7 @@ class PrefillAttention:
                              "bfloat16 on avx512, float32 on avx512 and avx2")
         library = build.load_kernel("prefill_attention", {
             "HEAD_DIM": head_dim, "GROUP": group, **build.ELEMENT_MACROS[dtype],
-        }, isa, _BF16_FLAGS if dtype == torch.bfloat16 else ())
+        }, isa, build.BF16_DOT_FLAGS if dtype == torch.bfloat16 else ())
         self._run = build.bind(library, "prefill_attention", [
             POINTER, INT64, POINTER, POINTER, INT64, POINTER, INT64, INT64, POINTER, INT64,
             FLOAT, INT,
