@@ -19,6 +19,8 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
+from rollserve.bench import emulated_isa
+
 K = TypeVar("K")
 T = TypeVar("T")
 
@@ -116,12 +118,16 @@ def print_ratio(name: str, value: float, detail: str = "") -> None:
 
 
 def cpu_line() -> str:
-    """The CPU's model, core count, and which of FLAGS_THAT_MATTER it has and lacks."""
+    """The CPU's model, core count, which of FLAGS_THAT_MATTER it has and lacks, and the ISA
+    the run emulates (bench.emulated_isa), if any."""
     model, flags = _cpuinfo()
     have = [flag for flag in FLAGS_THAT_MATTER if flag in flags]
     lacks = [flag for flag in FLAGS_THAT_MATTER if flag not in flags]
+    isa = emulated_isa.emulated()
     return (f"cpu: {model}, {os.cpu_count()} cores; has {' '.join(have) or 'none of'}"
-            + (f"; lacks {' '.join(lacks)}" if lacks else ""))
+            + (f"; lacks {' '.join(lacks)}" if lacks else "")
+            + (f"; EMULATING {isa} only ({emulated_isa.describe(isa)}; caches, bandwidth "
+               "and clocks are this CPU's)" if isa else ""))
 
 
 def _cpuinfo() -> tuple[str, set[str]]:

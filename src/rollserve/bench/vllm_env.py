@@ -76,7 +76,9 @@ def run_peer(request: dict[str, Any], kv_cache_gib: int) -> dict[str, Any]:
                               env={**os.environ, **settings}, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"the vLLM peer failed:\n{done.stderr[-4000:]}")
-        return json.loads(result_file.read_text())
+        result = json.loads(result_file.read_text())
+    print("vLLM kernels: " + (" ".join(result["kernel_libraries"]) or "none found"), flush=True)
+    return result
 
 
 def _build(root: Path) -> None:

@@ -5,9 +5,10 @@
 
 REQUEST holds the model directory, dtype, the engine limits and the workload (prompt token
 ids, output lengths); RESULT gets the start-up seconds, the generation seconds (timed as
-rollserve's are: the whole batch of requests, after start-up), the output tokens and the
-peak resident memory of vLLM's processes. Greedy, ignore_eos, no prefix caching, as
-rollserve's run. vLLM spawns its engine core, hence the __main__ guard.
+rollserve's are: the whole batch of requests, after start-up), the output tokens, the peak
+resident memory of vLLM's processes and the kernel libraries they loaded. Greedy,
+ignore_eos, no prefix caching, as rollserve's run. vLLM spawns its engine core, hence the
+__main__ guard.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import contextlib
 import json
 import threading
 import time
+from pathlib import Path
 
 import psutil  # a dependency of rollserve and of vLLM alike
 
@@ -41,6 +43,16 @@ def _tree_rss(root: psutil.Process) -> int:
     return total
 
 
+def kernel_libraries() -> list[str]:
+    """vLLM's kernel libraries (vllm/_C*.so: _C_AVX2, _C_AVX512 or _C) that this process and
+    its children have loaded: which build of its kernels ran."""
+    me, names = psutil.Process(), set()
+    for process in [me, *me.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            names.update(Path(m.path).name for m in process.memory_maps() if "/vllm/_C" in m.path)
+    return sorted(names)
+
+
 def main(request_file: str, result_file: str) -> None:
     with open(request_file) as file:
         request = json.load(file)
@@ -60,13 +72,15 @@ def main(request_file: str, result_file: str) -> None:
               for n in request["output_lens"]]
     llm.generate(prompts[:1], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
     startup = time.perf_counter() - start
+    kernels = kernel_libraries()
     begin = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - begin
     stop.set()
     sampler.join()
     result = {"startup_seconds": startup, "seconds": seconds, "peak_rss_bytes": peak[0],
-              "output_tokens": sum(len(out.outputs[0].token_ids) for out in outputs)}
+              "output_tokens": sum(len(out.outputs[0].token_ids) for out in outputs),
+              "kernel_libraries": kernels}
     with open(result_file, "w") as file:
         json.dump(result, file)
 

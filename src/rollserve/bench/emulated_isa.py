@@ -1,0 +1,77 @@
+"""Benchmarks as on a CPU with fewer instruction sets than this one: `--emulate-isa avx2` runs
+rollserve and its vLLM peer on AVX2 + FMA only, a stand-in for the AVX2-only machines (AMD
+EPYC without AVX-512) on a machine that has AVX-512.
+
+Every process of both engines keeps to the ISA: rollserve's kernels (ROLLSERVE_CPU_ISA),
+PyTorch's own kernels (ATEN_CPU_CAPABILITY) and oneDNN's matmuls (ONEDNN_MAX_CPU_ISA), all
+read once, at first use, hence the benchmark re-runs itself with them set. Both engines also
+decide by torch.cpu's AVX-512/AMX probes (rollserve its `auto` dtype and AMX kernel, vLLM its
+kernel library, vllm._C_AVX2 or an AVX-512 one, and its attention code), so a sitecustomize
+on PYTHONPATH makes those answer False in every process. Caches, memory bandwidth and clocks
+stay this CPU's: the figures stand in for the AVX2-only machine, they do not measure it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from rollserve.utils.cache import cache_dir
+
+# What each emulated ISA sets in every process of both engines.
+SETTINGS: dict[str, dict[str, str]] = {
+    "avx2": {"ROLLSERVE_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2",
+             "ONEDNN_MAX_CPU_ISA": "AVX2"},
+}
+# Imported first by every Python process that has its folder on PYTHONPATH.
+_SITECUSTOMIZE = '''"""rollserve.bench.emulated_isa: as on a CPU without AVX-512 or AMX."""
+import torch.cpu
+
+for _probe in ("_is_avx512_supported", "_is_avx512_vnni_supported", "_is_avx512_bf16_supported",
+               "_is_amx_tile_supported", "_is_amx_fp16_supported"):
+    if hasattr(torch.cpu, _probe):
+        setattr(torch.cpu, _probe, lambda: False)
+'''
+
+
+def add_emulate_isa(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--emulate-isa", choices=sorted(SETTINGS),
+                        help="run both engines as on a CPU with only this instruction set "
+                             "(bench.emulated_isa): a stand-in for such a machine")
+
+
+def run_emulated(isa: str | None, module: str, argv: list[str]) -> None:
+    """Replaces this process by `python -m module argv` in `isa`'s emulation, unless it is in
+    force already (or `isa` is None). Every process it starts inherits the emulation."""
+    if isa is None or emulated() == isa:
+        return
+    print(f"emulating {isa}: re-running with {describe(isa)}", flush=True)
+    os.execve(sys.executable, [sys.executable, "-m", module, *argv], emulation_env(isa))
+
+
+def emulation_env(isa: str) -> dict[str, str]:
+    """This process's environment with `isa`'s settings and the probes' sitecustomize."""
+    folder = cache_dir() / "emulated-isa"
+    folder.mkdir(parents=True, exist_ok=True)
+    site = folder / "sitecustomize.py"
+    if not site.is_file() or site.read_text() != _SITECUSTOMIZE:
+        staging = folder / f"sitecustomize.{os.getpid()}.tmp"  # a reader never sees half
+        staging.write_text(_SITECUSTOMIZE)
+        staging.replace(site)
+    path = [str(folder), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, **SETTINGS[isa], "PYTHONPATH": os.pathsep.join(path)}
+
+
+def emulated() -> str | None:
+    """The ISA this process emulates: the one whose settings are all in force, if any."""
+    for isa, settings in SETTINGS.items():
+        if all(os.environ.get(key) == value for key, value in settings.items()):
+            return isa
+    return None
+
+
+def describe(isa: str) -> str:
+    """The emulation's settings, as they would be typed in a shell."""
+    return " ".join(f"{key}={value}" for key, value in SETTINGS[isa].items()) + \
+        " and torch.cpu's AVX-512/AMX probes answering False"
