@@ -46,6 +46,10 @@ NOT_RUN = {
                                "two steps of the same code on a tiny model",
     "pip install torch==2.13.0": "installs packages, then runs `rollserve demo` and the whole "
                                  "test suite: CI runs these commands itself",
+    "--compare vllm --emulate-isa avx2": "benchmarks against vLLM's CPU build: minutes "
+                                         "each and a venv made on first use; "
+                                         "tests/test_emulated_isa.py runs bench.offline "
+                                         "with --emulate-isa on a tiny model",
     "rollserve launch model_path=/ckpt": "variants of the `rollserve launch` block, with "
                                          "placeholders (/ckpt, /my/dir) or a 1000-request "
                                          "workload; tests/test_launch_cli.py runs overrides, "

@@ -66,6 +66,18 @@ static inline void prefetch_first_rows(const ELEM *rows, const int64_t *slots, i
 #define HEAD_BLOCK (GROUP * CHUNKS <= ACCUMULATORS ? GROUP \
                     : (ACCUMULATORS / CHUNKS > 0 ? ACCUMULATORS / CHUNKS : 1))
 
+/* rows <- the K rows of keys [first, first + LANES) (lanes past len reread key first's
+ * row; their scores are never stored), with the block PREFETCH_ROWS ahead requested.
+ * Returns how many keys are real. */
+static inline int block_rows(const ELEM *k, const int64_t *slots, int64_t len, int64_t first,
+                             const ELEM *rows[LANES]) {
+    const int count = len - first < LANES ? (int)(len - first) : LANES;
+    for (int j = 0; j < LANES; j++) rows[j] = k + slots[first + (j < count ? j : 0)] * HEAD_DIM;
+    for (int64_t t = first + PREFETCH_ROWS; t < first + PREFETCH_ROWS + LANES && t < len; t++)
+        prefetch_row(k + slots[t] * HEAD_DIM);
+    return count;
+}
+
 /* scores[h * len + t] = scale * q_h . k_t for the GROUP heads of one item. */
 #if DOT_PAIRS
 static inline uint32_t load_unit(const ELEM *p) {
@@ -81,12 +93,8 @@ static inline uint32_t load_unit(const ELEM *p) {
 static void item_scores(const ELEM *q, const ELEM *k, const int64_t *slots, int64_t len,
                         float scale, float *scores) {
     for (int64_t first = 0; first < len; first += LANES) {
-        const int count = len - first < LANES ? (int)(len - first) : LANES;
         const ELEM *rows[LANES];
-        for (int j = 0; j < LANES; j++) /* lanes past the end reread row 0; never stored */
-            rows[j] = k + slots[first + (j < count ? j : 0)] * HEAD_DIM;
-        for (int64_t t = first + PREFETCH_ROWS; t < first + PREFETCH_ROWS + LANES && t < len; t++)
-            prefetch_row(k + slots[t] * HEAD_DIM);
+        const int count = block_rows(k, slots, len, first, rows);
         vfloat acc[GROUP];
         UNROLLED
         for (int h = 0; h < GROUP; h++) acc[h] = vzero();
@@ -123,12 +131,8 @@ static void item_scores(const ELEM *q, const ELEM *k, const int64_t *slots, int6
                          load_elems(q + h * HEAD_DIM + c * LANES, ALL_LANES) * vset1(scale),
                          ALL_LANES);
     for (int64_t first = 0; first < len; first += LANES) {
-        const int count = len - first < LANES ? (int)(len - first) : LANES;
         const ELEM *rows[LANES];
-        for (int j = 0; j < LANES; j++) /* lanes past the end reread row 0; never stored */
-            rows[j] = k + slots[first + (j < count ? j : 0)] * HEAD_DIM;
-        for (int64_t t = first + PREFETCH_ROWS; t < first + PREFETCH_ROWS + LANES && t < len; t++)
-            prefetch_row(k + slots[t] * HEAD_DIM);
+        const int count = block_rows(k, slots, len, first, rows);
         vfloat acc[GROUP];
         for (int h = 0; h < GROUP; h++) acc[h] = vzero();
         for (int c = 0; c < CHUNKS; c++) {
