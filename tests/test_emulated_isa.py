@@ -17,7 +17,7 @@ PROBES = ("import torch; print(torch.cpu._is_avx512_supported(), "
 
 
 def _clear_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in emulated_isa.SETTINGS["avx2"]:
+    for key in [*emulated_isa.SETTINGS["avx2"], emulated_isa.MARKER]:
         monkeypatch.delenv(key, raising=False)
 
 
@@ -26,6 +26,15 @@ def test_without_the_settings_nothing_is_emulated(monkeypatch) -> None:
     assert emulated_isa.emulated() is None
 
 
+def test_the_settings_typed_by_hand_are_not_taken_for_the_emulation(monkeypatch) -> None:
+    """Without the sitecustomize the probes still report AVX-512: the benchmark re-runs."""
+    _clear_settings(monkeypatch)
+    for key, value in emulated_isa.SETTINGS["avx2"].items():
+        monkeypatch.setenv(key, value)
+    assert emulated_isa.emulated() is None
+
+
+@pytest.mark.skipif("avx2" not in runnable_isas(), reason="this CPU does not run AVX2")
 def test_every_process_of_the_emulation_sees_avx2_and_no_avx512_or_amx(
     monkeypatch, tmp_path
 ) -> None:

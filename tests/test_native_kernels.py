@@ -50,17 +50,20 @@ def _reference(q, k, v, slots, lens, scale) -> torch.Tensor:
 )
 def test_kernel_matches_float64_reference(isa, dtype, tolerance, head_dim, group, kv_heads) -> None:
     gen = torch.Generator().manual_seed(head_dim + group)
-    n, pool_slots = 11, 2000
+    n, pool_slots = 12, 2000
     k = torch.randn(kv_heads, pool_slots, head_dim, generator=gen).to(dtype)
     v = torch.randn(kv_heads, pool_slots, head_dim, generator=gen).to(dtype)
     q = torch.randn(n, kv_heads * group, head_dim, generator=gen).to(dtype)
     lens = torch.randint(1, 200, (n,), generator=gen)
-    lens[:3] = torch.tensor([1, 16, 17])  # one key, a full 16-lane block, one past it
+    # one key; around 16-lane blocks, and 32-key steps of the bf16-pair path (odd counts
+    # leave a key without a partner)
+    lens[:8] = torch.tensor([1, 2, 16, 17, 31, 32, 33, 63])
     slots = torch.randint(1, pool_slots, (n, int(lens.max())), generator=gen)
     out = DecodeAttention(head_dim, group, dtype, isa)(q, k, v, slots, lens, head_dim**-0.5)
     ref = _reference(q, k, v, slots, lens, head_dim**-0.5)
     assert out.dtype == dtype and out.shape == q.shape
-    assert ((out.double() - ref).norm() / ref.norm()).item() < tolerance
+    for row, (got, want) in enumerate(zip(out.double(), ref, strict=True)):
+        assert ((got - want).norm() / want.norm()).item() < tolerance, f"sequence {row}"
 
 
 def _assert_close_to_eager(fused: torch.Tensor, eager: torch.Tensor) -> None:

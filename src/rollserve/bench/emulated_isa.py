@@ -24,14 +24,22 @@ SETTINGS: dict[str, dict[str, str]] = {
     "avx2": {"ROLLSERVE_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2",
              "ONEDNN_MAX_CPU_ISA": "AVX2"},
 }
-# Imported first by every Python process that has its folder on PYTHONPATH.
+# Set with the sitecustomize on PYTHONPATH: the three variables alone, typed by hand, leave
+# the probes as they are, so they do not count as the emulation.
+MARKER = "ROLLSERVE_EMULATED_ISA"
+# Imported first by every Python process that has its folder on PYTHONPATH (pip's too, while
+# vLLM's venv is built before torch is in it: hence the guard).
 _SITECUSTOMIZE = '''"""rollserve.bench.emulated_isa: as on a CPU without AVX-512 or AMX."""
-import torch.cpu
-
-for _probe in ("_is_avx512_supported", "_is_avx512_vnni_supported", "_is_avx512_bf16_supported",
-               "_is_amx_tile_supported", "_is_amx_fp16_supported"):
-    if hasattr(torch.cpu, _probe):
-        setattr(torch.cpu, _probe, lambda: False)
+try:
+    import torch.cpu
+except ImportError:
+    pass
+else:
+    for _probe in ("_is_avx512_supported", "_is_avx512_vnni_supported",
+                   "_is_avx512_bf16_supported", "_is_amx_tile_supported",
+                   "_is_amx_fp16_supported"):
+        if hasattr(torch.cpu, _probe):
+            setattr(torch.cpu, _probe, lambda: False)
 '''
 
 
@@ -60,15 +68,16 @@ def emulation_env(isa: str) -> dict[str, str]:
         staging.write_text(_SITECUSTOMIZE)
         staging.replace(site)
     path = [str(folder), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    return {**os.environ, **SETTINGS[isa], "PYTHONPATH": os.pathsep.join(path)}
+    return {**os.environ, **SETTINGS[isa], MARKER: isa, "PYTHONPATH": os.pathsep.join(path)}
 
 
 def emulated() -> str | None:
-    """The ISA this process emulates: the one whose settings are all in force, if any."""
-    for isa, settings in SETTINGS.items():
-        if all(os.environ.get(key) == value for key, value in settings.items()):
-            return isa
-    return None
+    """The ISA this process emulates (its settings all in force, set by emulation_env), if
+    any."""
+    isa = os.environ.get(MARKER)
+    settings = SETTINGS.get(isa or "", {})
+    in_force = settings and all(os.environ.get(key) == value for key, value in settings.items())
+    return isa if in_force else None
 
 
 def describe(isa: str) -> str:

@@ -41,7 +41,7 @@
  * and then computes, serially (35% more time per layer at 43-128 sequences, cold caches).
  * The vdpbf16ps path spends half the time on a row, so it asks further ahead and into L2
  * (which keeps more misses in flight than L1): 1.15-1.2x its speed with 16 rows into L1,
- * where the float32 paths lose up to 15% when they ask so far. */
+ * where the paths that widen to float32 lost up to 13% (AVX2, bf16) asking so far. */
 #if DOT_PAIRS
 #define PREFETCH_ROWS 32
 #define PREFETCH_HINT _MM_HINT_T1
@@ -80,16 +80,22 @@ static inline int block_rows(const ELEM *k, const int64_t *slots, int64_t len, i
 
 /* scores[h * len + t] = scale * q_h . k_t for the GROUP heads of one item. */
 #if DOT_PAIRS
-static inline uint32_t load_unit(const ELEM *p) {
+/* The 32-bit unit at p (a bf16 pair of q, or of packed probabilities). */
+static inline uint32_t load_unit(const void *p) {
     uint32_t unit;
     memcpy(&unit, p, sizeof unit);
     return unit;
 }
+#endif
+
+#if DOT_PAIRS && GROUP >= 4
 
 /* Transposing LANES K rows' units puts pair p of LANES tokens in one register; a head's scores
  * then build up with one vdpbf16ps per pair against the broadcast pair of q: half the dot
  * instructions and transposes of the float32 path, and no widening. q stays bfloat16, so the
- * products are exact; the scale multiplies the float32 scores. */
+ * products are exact; the scale multiplies the float32 scores. With fewer than 4 heads a
+ * transpose serves too few products: there the per-row scores below were faster (1.1x at 3
+ * heads, 1.2x at 2). */
 static void item_scores(const ELEM *q, const ELEM *k, const int64_t *slots, int64_t len,
                         float scale, float *scores) {
     for (int64_t first = 0; first < len; first += LANES) {
@@ -240,7 +246,7 @@ static inline vfloat pair_dims(vfloat low, vfloat high, int half) {
 /* acc += the products of keys t and t + 1 (V rows a and b; b NULL: key t alone) with the
  * heads' probability pairs `pairs` (unit t / 2 of each head's packed row). */
 static inline __attribute__((always_inline)) void add_value_pair(
-    const ELEM *a, const ELEM *b, const uint32_t *pairs, int64_t row_units, int first,
+    const ELEM *a, const ELEM *b, const float *pairs, int64_t row_units, int first,
     vfloat acc[][2 * (HEAD_DIM / 32)]) {
     UNROLLED
     for (int c = 0; c < HEAD_DIM / 32; c++) {
@@ -252,7 +258,7 @@ static inline __attribute__((always_inline)) void add_value_pair(
         for (int h = 0; h < HEAD_BLOCK; h++)
             if (first + h < GROUP) {
                 const __m512bh p = (__m512bh)_mm512_set1_epi32(
-                    (int)pairs[(first + h) * row_units]);
+                    (int)load_unit(pairs + (first + h) * row_units));
                 acc[h][2 * c] = _mm512_dpbf16_ps(acc[h][2 * c], low, p);
                 acc[h][2 * c + 1] = _mm512_dpbf16_ps(acc[h][2 * c + 1], high, p);
             }
@@ -263,7 +269,6 @@ static inline __attribute__((always_inline)) void add_value_pair(
  * from the packed probabilities: one vdpbf16ps adds two keys' products into each lane. */
 static void item_values(const ELEM *v, const int64_t *slots, int64_t len, const float *probs,
                         const float *inv_sum, int first, ELEM *out) {
-    const uint32_t *units = (const uint32_t *)probs; /* head h's row at units + h * len */
     vfloat acc[HEAD_BLOCK][2 * (HEAD_DIM / 32)];
     UNROLLED
     for (int h = 0; h < HEAD_BLOCK; h++)
@@ -274,10 +279,10 @@ static void item_values(const ELEM *v, const int64_t *slots, int64_t len, const 
         for (int64_t ahead = t + PREFETCH_ROWS; ahead < t + PREFETCH_ROWS + 2 && ahead < len;
              ahead++)
             prefetch_row(v + slots[ahead] * HEAD_DIM);
-        add_value_pair(v + slots[t] * HEAD_DIM, v + slots[t + 1] * HEAD_DIM, units + t / 2,
+        add_value_pair(v + slots[t] * HEAD_DIM, v + slots[t + 1] * HEAD_DIM, probs + t / 2,
                        len, first, acc);
     }
-    if (t < len) add_value_pair(v + slots[t] * HEAD_DIM, NULL, units + t / 2, len, first, acc);
+    if (t < len) add_value_pair(v + slots[t] * HEAD_DIM, NULL, probs + t / 2, len, first, acc);
     for (int h = 0; h < HEAD_BLOCK && first + h < GROUP; h++)
         for (int c = 0; c < HEAD_DIM / 32; c++)
             for (int half = 0; half < 2; half++)
