@@ -49,13 +49,15 @@ def add_emulate_isa(parser: argparse.ArgumentParser) -> None:
                              "(bench.emulated_isa): a stand-in for such a machine")
 
 
-def run_emulated(isa: str | None, module: str, argv: list[str]) -> None:
-    """Replaces this process by `python -m module argv` in `isa`'s emulation, unless it is in
-    force already (or `isa` is None). Every process it starts inherits the emulation."""
+def run_emulated(isa: str | None, module: str, argv: list[str] | None) -> None:
+    """Replaces this process by `python -m module argv` (None: this command line's) in
+    `isa`'s emulation, unless it is in force already (or `isa` is None). Every process it
+    starts inherits the emulation."""
     if isa is None or emulated() == isa:
         return
     print(f"emulating {isa}: re-running with {describe(isa)}", flush=True)
-    os.execve(sys.executable, [sys.executable, "-m", module, *argv], emulation_env(isa))
+    args = sys.argv[1:] if argv is None else argv
+    os.execve(sys.executable, [sys.executable, "-m", module, *args], emulation_env(isa))
 
 
 def emulation_env(isa: str) -> dict[str, str]:

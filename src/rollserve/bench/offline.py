@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -28,7 +27,6 @@ import torch
 
 from rollserve import Engine
 from rollserve.bench import emulated_isa
-from rollserve.bench.emulated_isa import add_emulate_isa
 from rollserve.bench.timing import Column, best_seconds, cpu_line, print_ratio, print_table
 from rollserve.bench.vllm_env import run_peer
 from rollserve.bench.vllm_peer import peak_rss
@@ -259,14 +257,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="KV-cache size of each engine (default: room for the workload; "
                              "with --compare vllm both engines get the same)")
     parser.add_argument("--hf-batch-size", type=int, default=32)
-    add_emulate_isa(parser)
+    emulated_isa.add_emulate_isa(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    emulated_isa.run_emulated(args.emulate_isa, "rollserve.bench.offline",
-                              sys.argv[1:] if argv is None else argv)
+    emulated_isa.run_emulated(args.emulate_isa, "rollserve.bench.offline", argv)
     path = Path(args.model_path) if args.model_path else ensure_tiny_model(args.preset)
     kv_gib = args.kv_cache_gib or (2 if args.compare == "vllm" else None)
     kv_size = kv_tokens(path, args.dtype, args.device, kv_gib) if kv_gib else None

@@ -36,7 +36,6 @@ import aiohttp
 
 from rollserve import Engine
 from rollserve.bench import emulated_isa
-from rollserve.bench.emulated_isa import add_emulate_isa
 from rollserve.bench.offline import (
     RunResult,
     Workload,
@@ -195,7 +194,7 @@ def workload_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--chunked-prefill-size", type=int, default=DEFAULT_CHUNKED_PREFILL_SIZE)
     parser.add_argument("--port", type=int, default=31000)
-    add_emulate_isa(parser)
+    emulated_isa.add_emulate_isa(parser)
     return parser
 
 
@@ -225,8 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compare", choices=["vllm", "none"], default="none",
                         help="vllm: rollserve's server against vLLM's OpenAI server instead")
     args = parser.parse_args(argv)
-    emulated_isa.run_emulated(args.emulate_isa, "rollserve.bench.online",
-                              sys.argv[1:] if argv is None else argv)
+    emulated_isa.run_emulated(args.emulate_isa, "rollserve.bench.online", argv)
     model, workload = online_workload(args)
     if args.compare == "vllm":
         compare_vllm(model, workload, args)

@@ -232,7 +232,8 @@ static void item_softmax(float *scores, int64_t len, float *inv_sum) {
 #endif
 
 #if DOT_PAIRS
-/* Accumulators for dims [32c, 32c + 32) of a head: unpacking two V rows interleaves them
+/* A head's CHUNKS accumulators hold dims [32c, 32c + 32) in acc[2c], acc[2c + 1]: unpacking
+ * two V rows interleaves them
  * within 128-bit lanes, so `low` holds dims 8L..8L+3 and `high` dims 8L+4..8L+7 in lane
  * group L. Returns the 16 dims from 16 * half in order. */
 static inline vfloat pair_dims(vfloat low, vfloat high, int half) {
@@ -247,7 +248,7 @@ static inline vfloat pair_dims(vfloat low, vfloat high, int half) {
  * heads' probability pairs `pairs` (unit t / 2 of each head's packed row). */
 static inline __attribute__((always_inline)) void add_value_pair(
     const ELEM *a, const ELEM *b, const float *pairs, int64_t row_units, int first,
-    vfloat acc[][2 * (HEAD_DIM / 32)]) {
+    vfloat acc[][CHUNKS]) {
     UNROLLED
     for (int c = 0; c < HEAD_DIM / 32; c++) {
         const __m512i va = _mm512_loadu_si512(a + 32 * c);
@@ -269,11 +270,11 @@ static inline __attribute__((always_inline)) void add_value_pair(
  * from the packed probabilities: one vdpbf16ps adds two keys' products into each lane. */
 static void item_values(const ELEM *v, const int64_t *slots, int64_t len, const float *probs,
                         const float *inv_sum, int first, ELEM *out) {
-    vfloat acc[HEAD_BLOCK][2 * (HEAD_DIM / 32)];
+    vfloat acc[HEAD_BLOCK][CHUNKS];
     UNROLLED
     for (int h = 0; h < HEAD_BLOCK; h++)
         UNROLLED
-        for (int c = 0; c < 2 * (HEAD_DIM / 32); c++) acc[h][c] = vzero();
+        for (int c = 0; c < CHUNKS; c++) acc[h][c] = vzero();
     int64_t t = 0;
     for (; t + 1 < len; t += 2) {
         for (int64_t ahead = t + PREFETCH_ROWS; ahead < t + PREFETCH_ROWS + 2 && ahead < len;
