@@ -38,14 +38,36 @@
 #define Q_SIZE (KV_HEADS * GROUP * HEAD_DIM)
 #define KV_SIZE (KV_HEADS * HEAD_DIM)
 #define QKV_SIZE (Q_SIZE + 2 * KV_SIZE)
-/* Output features computed together (their weight rows stream side by side); at most LANES,
- * so a block's results are one vector. */
+/* Output features a work item computes and stores as one vector (at most LANES). */
 #define BLOCK 8
+/* Partial sums kept for each (row, weight row): one chain of dot instructions would wait
+ * out their latency on every chunk; UNROLL independent chains do not. */
+#define UNROLL 4
 
 #if ELEM_IS_BF16 && defined(__AVX512BF16__)
 #define DOT_STEP 32 /* vdpbf16ps: 32 bf16 products summed pairwise into 16 float32 lanes */
+typedef __m512 acc_t;
+typedef __m512bh chunk_t;
+static inline chunk_t load_chunk(const ELEM *p) { return (__m512bh)_mm512_loadu_si512(p); }
+static inline acc_t dot_chunk(acc_t acc, chunk_t w, chunk_t x) {
+    return _mm512_dpbf16_ps(acc, w, x);
+}
+static inline acc_t acc_zero(void) { return _mm512_setzero_ps(); }
+static inline float acc_sum(acc_t a, acc_t b, acc_t c, acc_t d) {
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
+}
+#define ROW_TILE 3 /* 3 rows x UNROLL accumulators, a weight chunk: 13 of 32 registers */
 #else
 #define DOT_STEP LANES
+typedef vfloat acc_t;
+typedef vfloat chunk_t;
+static inline chunk_t load_chunk(const ELEM *p) { return load_elems(p, ALL_LANES); }
+static inline acc_t dot_chunk(acc_t acc, chunk_t w, chunk_t x) { return vfmadd(w, x, acc); }
+static inline acc_t acc_zero(void) { return vzero(); }
+static inline float acc_sum(acc_t a, acc_t b, acc_t c, acc_t d) {
+    return reduce_add((a + b) + (c + d));
+}
+#define ROW_TILE (VREGS >= 32 ? 3 : 1)
 #endif
 
 /* One layer's parameters, in the order decode_layers.py fills them. NULL: absent. */
@@ -53,68 +75,45 @@ struct LayerWeights {
     const ELEM *input_norm, *qkv, *qkv_bias, *q_norm, *k_norm, *o, *post_norm, *gate_up, *down;
 };
 
-#if DOT_STEP == 32
-typedef __m512 acc_t;
-#define ACC_ZERO _mm512_setzero_ps()
-#define ROW_TILE 3 /* 3 rows x BLOCK accumulators, the rows' x and a weight: 28 of 32 registers */
-#else
-typedef vfloat acc_t;
-#define ACC_ZERO vzero()
-#define ROW_TILE (VREGS >= 32 ? 3 : 1)
-#endif
-
-/* dots[r][f] += x[r] . w[f] for `rows` rows of x from row `first_row` and `count` weight rows
- * of k values from w. Inlined with rows and count constants: the accumulators stay in
+/* dots[first_row + r][f] = x[first_row + r] . w[f] for `rows` rows of x and `count` weight
+ * rows of k values from w, one weight row after another: a thread's share of a projection
+ * streams in address order. (Reading eight weight rows side by side, a chunk of each in
+ * turn, batch-1 decode was 1.13x slower at ~80 GB/s: BENCHMARKS.md, "Batch-1 decode: weight
+ * rows in address order".) Inlined with `rows` constant: the accumulators stay in
  * registers, and each weight chunk loaded serves every row of the tile. */
 static inline __attribute__((always_inline)) void dot_tile(
-    const ELEM *x, int64_t first_row, const int rows, const ELEM *w, int64_t k, const int count,
+    const ELEM *x, int64_t first_row, const int rows, const ELEM *w, int64_t k, int64_t count,
     float dots[MAX_ROWS][BLOCK]) {
-    acc_t acc[ROW_TILE][BLOCK];
-    for (int r = 0; r < rows; r++)
-        for (int f = 0; f < count; f++) acc[r][f] = ACC_ZERO;
-    for (int64_t c = 0; c < k; c += DOT_STEP) {
-#if DOT_STEP == 32
-        __m512bh xv[ROW_TILE];
+    const ELEM *xr = x + first_row * k;
+    for (int64_t f = 0; f < count; f++) {
+        const ELEM *wf = w + f * k;
+        acc_t acc[ROW_TILE][UNROLL];
         for (int r = 0; r < rows; r++)
-            xv[r] = (__m512bh)_mm512_loadu_si512(x + (first_row + r) * k + c);
-        for (int f = 0; f < count; f++) {
-            const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + f * k + c);
-            for (int r = 0; r < rows; r++) acc[r][f] = _mm512_dpbf16_ps(acc[r][f], wv, xv[r]);
+            for (int u = 0; u < UNROLL; u++) acc[r][u] = acc_zero();
+        int64_t c = 0;
+        for (; c + UNROLL * DOT_STEP <= k; c += UNROLL * DOT_STEP)
+            for (int u = 0; u < UNROLL; u++) {
+                const chunk_t wv = load_chunk(wf + c + u * DOT_STEP);
+                for (int r = 0; r < rows; r++)
+                    acc[r][u] = dot_chunk(acc[r][u], wv, load_chunk(xr + r * k + c + u * DOT_STEP));
+            }
+        for (; c < k; c += DOT_STEP) {
+            const chunk_t wv = load_chunk(wf + c);
+            for (int r = 0; r < rows; r++)
+                acc[r][0] = dot_chunk(acc[r][0], wv, load_chunk(xr + r * k + c));
         }
-#else
-        vfloat xv[ROW_TILE];
-        for (int r = 0; r < rows; r++) xv[r] = load_elems(x + (first_row + r) * k + c, ALL_LANES);
-        for (int f = 0; f < count; f++) {
-            const vfloat wv = load_elems(w + f * k + c, ALL_LANES);
-            for (int r = 0; r < rows; r++) acc[r][f] = vfmadd(wv, xv[r], acc[r][f]);
-        }
-#endif
+        for (int r = 0; r < rows; r++)
+            dots[first_row + r][f] = acc_sum(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
     }
-    for (int r = 0; r < rows; r++)
-        for (int f = 0; f < count; f++) dots[first_row + r][f] = reduce_add(acc[r][f]);
 }
 
-/* dots[r][f] = x[r] . w[f] for rows r < n, ROW_TILE rows at a time. */
-static inline __attribute__((always_inline)) void dot_rows(
-    const ELEM *x, int64_t n, const ELEM *w, int64_t k, const int count,
-    float dots[MAX_ROWS][BLOCK]) {
+/* dots[r][f] = x[r] . w[f] for rows r < n and the `count` weight rows from w, ROW_TILE rows
+ * of x at a time. */
+static inline void dot_rows(const ELEM *x, int64_t n, const ELEM *w, int64_t k, int64_t count,
+                            float dots[MAX_ROWS][BLOCK]) {
     int64_t r = 0;
     for (; r + ROW_TILE <= n; r += ROW_TILE) dot_tile(x, r, ROW_TILE, w, k, count, dots);
     for (; r < n; r++) dot_tile(x, r, 1, w, k, count, dots);
-}
-
-/* dots for output features [first, first + count) of w [features, k], count <= BLOCK. */
-static inline void dot_block(const ELEM *x, int64_t n, const ELEM *w, int64_t k, int64_t first,
-                             int64_t count, float dots[MAX_ROWS][BLOCK]) {
-    if (count == BLOCK) {
-        dot_rows(x, n, w + first * k, k, BLOCK, dots);
-        return;
-    }
-    float one[MAX_ROWS][BLOCK];
-    for (int64_t f = 0; f < count; f++) {
-        dot_rows(x, n, w + (first + f) * k, k, 1, one);
-        for (int64_t r = 0; r < n; r++) dots[r][f] = one[r][0];
-    }
 }
 
 /* out [n, features] = round(x [n, k] . w^T + bias): this thread's share of the blocks. */
@@ -124,7 +123,7 @@ static void project(const ELEM *x, int64_t n, const ELEM *w, const ELEM *bias, i
 #pragma omp for schedule(static)
     for (int64_t first = 0; first < features; first += BLOCK) {
         const int64_t count = features - first < BLOCK ? features - first : BLOCK;
-        dot_block(x, n, w, k, first, count, dots);
+        dot_rows(x, n, w + first * k, k, count, dots);
         const vmask m = tail_mask(count);
         const vfloat b = bias ? load_elems(bias + first, m) : vzero();
         for (int64_t r = 0; r < n; r++)
