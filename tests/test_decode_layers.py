@@ -128,6 +128,32 @@ def test_a_bf16_decode_step_through_the_kernel_matches_the_layers_within_roundin
         assert torch.equal(fused.argmax(-1), layered.argmax(-1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("isa", ISAS)
+def test_the_lm_head_of_few_rows_is_the_product_rounded_once(isa, dtype, monkeypatch) -> None:
+    """Against a float64 product: only the summation order differs, so a float32 result is
+    within float32 rounding of the sum's size and a bf16 one within a bf16 step. A vocab of
+    1003 ends in a part block."""
+    monkeypatch.setenv(ISA_ENV, isa)
+    shape = LayerShape(hidden=96, intermediate=128, kv_heads=2, group=2, head_dim=16,
+                       qk_norm=False)
+    kernel = make_decode_layers(CPU, dtype, shape)
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(1003, 96, generator=gen).to(dtype)
+    for n in range(1, MAX_ROWS + 1):
+        x = torch.randn(n, 96, generator=gen).to(dtype)
+        exact = x.double() @ weight.double().T
+        got = kernel.logits(x, weight).double()
+        assert got.shape == (n, 1003)
+        sizes = x.double().abs() @ weight.double().abs().T  # bounds each sum's rounding
+        step = 2.0**-8 * exact.abs() if dtype == torch.bfloat16 else 0.0
+        assert ((got - exact).abs() <= step + 1e-5 * sizes).all()
+    with pytest.raises(ValueError, match="rows or hidden states"):
+        kernel.logits(torch.zeros(MAX_ROWS + 1, 96, dtype=dtype), weight)
+    with pytest.raises(ValueError, match="lm_head weight"):
+        kernel.logits(torch.zeros(1, 96, dtype=dtype), weight.T.contiguous())
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_the_kernel_refuses_rows_and_tensors_it_was_not_built_for(
     isa, tiny_model_factory, monkeypatch

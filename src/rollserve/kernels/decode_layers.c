@@ -1,7 +1,8 @@
 /* Every decoder layer of a decode step of few rows (1 to MAX_ROWS tokens, one per sequence),
  * in one call and one OpenMP team: norm, q/k/v projection, q/k norm, rotary, K/V into the
  * pool, attention, o projection, residual add and norm, gate/up projection with SwiGLU, down
- * projection, layer after layer.
+ * projection, layer after layer; and, as a second call (decode_logits), the lm_head of the
+ * step's rows.
  *
  * Why: at a few rows a layer's four matmuls stream its weights once and the rest is a few
  * kilobytes of arithmetic, but through PyTorch the rest costs ~15 operator and kernel calls a
@@ -228,5 +229,17 @@ int decode_layers(const struct LayerWeights *layers, int64_t num_layers, int64_t
         }
     }
     free(scores);
+    return 0;
+}
+
+/* logits [n, vocab] = round(x [n, HIDDEN] . weight^T) for a step of few rows: the lm_head on
+ * the layers' products. oneDNN's one-row product read a float32 weight at ~48 GB/s on AVX2
+ * where these read ~73 (BENCHMARKS.md, "the lm_head of few rows"). Returns 0, or -1 when n is
+ * out of range (nothing is written then). */
+int decode_logits(const ELEM *x, int64_t n, const ELEM *weight, int64_t vocab, ELEM *logits,
+                  int threads) {
+    if (n < 1 || n > MAX_ROWS) return -1;
+#pragma omp parallel num_threads(threads)
+    project(x, n, weight, NULL, HIDDEN, vocab, logits);
     return 0;
 }

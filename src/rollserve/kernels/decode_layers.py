@@ -99,7 +99,7 @@ class DecodeLayers:
     """Callable: (table, x [n, hidden] embeddings, cos, sin [n, 1, head_dim], k/v cache
     [layers, kv_heads, slots, head_dim], out_slots [n], kv_slots [n, max_len], kv_lens [n],
     scale, eps) -> (output, residual) of the last layer, the final norm's inputs. x is
-    overwritten; the pool receives this step's K/V."""
+    overwritten; the pool receives this step's K/V. `logits` is the lm_head of such a step."""
 
     max_rows = MAX_ROWS
 
@@ -111,6 +111,9 @@ class DecodeLayers:
         self._run = build.bind(library, "decode_layers", [
             POINTER, INT64, INT64, POINTER, POINTER, POINTER, POINTER, POINTER, POINTER, INT64,
             POINTER, POINTER, INT64, POINTER, FLOAT, FLOAT, POINTER, INT,
+        ], returns=INT)
+        self._logits = build.bind(library, "decode_logits", [
+            POINTER, INT64, POINTER, INT64, POINTER, INT,
         ], returns=INT)
         scratch = build.bind(library, "decode_layers_scratch", [INT64], returns=INT64)
         self._scratch_per_row = scratch(1)
@@ -150,6 +153,21 @@ class DecodeLayers:
         if status != 0:
             raise MemoryError("decode layers could not allocate their scratch buffer")
         return x, residual
+
+
+    def logits(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x [n, hidden] (n <= MAX_ROWS) times weight [vocab, hidden] transposed: [n, vocab]
+        in the model dtype, rounded once, as oneDNN's lm_head rounds."""
+        n, hidden = x.shape[0], self.shape.hidden
+        build.require(0 < n <= MAX_ROWS and x.shape == (n, hidden) and x.is_contiguous()
+                      and x.dtype == self.dtype, "rows or hidden states")
+        build.require(weight.dim() == 2 and weight.shape[1] == hidden and weight.is_contiguous()
+                      and weight.dtype == self.dtype and weight.device.type == "cpu",
+                      "lm_head weight")
+        out = torch.empty(n, weight.shape[0], dtype=self.dtype)
+        self._logits(x.data_ptr(), n, weight.data_ptr(), weight.shape[0], out.data_ptr(),
+                     torch.get_num_threads())
+        return out
 
 
 def make_decode_layers(

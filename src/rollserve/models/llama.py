@@ -187,6 +187,12 @@ class NativeDecode:
     def weights_replaced(self) -> None:
         self._table = None
 
+    def serves_logits(self, hidden: torch.Tensor) -> bool:
+        return 0 < hidden.shape[0] <= self.kernel.max_rows
+
+    def logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self.kernel.logits(hidden.contiguous(), weight)
+
 
 def _layer_weights(layer: DecoderLayer) -> LayerWeights:
     attn, mlp = layer.self_attn, layer.mlp
@@ -343,8 +349,14 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in the model dtype for the given rows only (the lm_head is costly: pick rows
         first), over the whole vocab on every rank. Consumers convert to float32 where they
-        need it: greedy argmax does not."""
-        if not self.config.tie_word_embeddings:
+        need it: greedy argmax does not. Few rows take the decode-layers kernel's products
+        where it runs: they stream the weight faster than oneDNN's at one row."""
+        tied = self.config.tie_word_embeddings
+        native = self.model.native_decode
+        if native is not None and native.serves_logits(hidden):
+            return native.logits(hidden, self.model.embed_tokens.weight if tied
+                                 else self.lm_head.weight)
+        if not tied:
             logits = self.lm_head(hidden)
         else:
             logits = linear(hidden, self.model.embed_tokens.weight,
