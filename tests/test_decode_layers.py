@@ -132,16 +132,18 @@ def test_a_bf16_decode_step_through_the_kernel_matches_the_layers_within_roundin
 @pytest.mark.parametrize("isa", ISAS)
 def test_the_lm_head_of_few_rows_is_the_product_rounded_once(isa, dtype, monkeypatch) -> None:
     """Against a float64 product: only the summation order differs, so a float32 result is
-    within float32 rounding of the sum's size and a bf16 one within a bf16 step. A vocab of
-    1003 ends in a part block."""
+    within float32 rounding of the sum's size and a bf16 one within a bf16 step. A hidden
+    size of 224 runs both the unrolled steps and the tail of every build's dot products; a
+    vocab of 1003 ends in a part block."""
     monkeypatch.setenv(ISA_ENV, isa)
-    shape = LayerShape(hidden=96, intermediate=128, kv_heads=2, group=2, head_dim=16,
+    hidden = 224
+    shape = LayerShape(hidden=hidden, intermediate=128, kv_heads=2, group=2, head_dim=16,
                        qk_norm=False)
     kernel = make_decode_layers(CPU, dtype, shape)
     gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(1003, 96, generator=gen).to(dtype)
+    weight = torch.randn(1003, hidden, generator=gen).to(dtype)
     for n in range(1, MAX_ROWS + 1):
-        x = torch.randn(n, 96, generator=gen).to(dtype)
+        x = torch.randn(n, hidden, generator=gen).to(dtype)
         exact = x.double() @ weight.double().T
         got = kernel.logits(x, weight).double()
         assert got.shape == (n, 1003)
@@ -149,9 +151,30 @@ def test_the_lm_head_of_few_rows_is_the_product_rounded_once(isa, dtype, monkeyp
         step = 2.0**-8 * exact.abs() if dtype == torch.bfloat16 else 0.0
         assert ((got - exact).abs() <= step + 1e-5 * sizes).all()
     with pytest.raises(ValueError, match="rows or hidden states"):
-        kernel.logits(torch.zeros(MAX_ROWS + 1, 96, dtype=dtype), weight)
+        kernel.logits(torch.zeros(MAX_ROWS + 1, hidden, dtype=dtype), weight)
     with pytest.raises(ValueError, match="lm_head weight"):
-        kernel.logits(torch.zeros(1, 96, dtype=dtype), weight.T.contiguous())
+        kernel.logits(torch.zeros(1, hidden, dtype=dtype), weight.T.contiguous())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_an_lm_head_weight_the_kernel_cannot_read_goes_to_onednn(
+    isa, tiny_model_factory, monkeypatch
+) -> None:
+    """A parameter swapped in by hand in another layout (here transposed storage) must not
+    fail the step: the lm_head then runs where the kernel does not."""
+    monkeypatch.setenv(ISA_ENV, isa)
+    for preset in ("llama", "qwen2"):  # an lm_head of its own, and tied embeddings
+        model, _ = _forward(str(tiny_model_factory(preset)), torch.float32)
+        native = model.model.native_decode
+        tied = model.config.tie_word_embeddings
+        param = model.model.embed_tokens.weight if tied else model.lm_head.weight
+        gen = torch.Generator().manual_seed(1)
+        hidden = torch.randn(2, model.config.hidden_size, generator=gen)
+        assert native.serves_logits(hidden, param)
+        expected = model.compute_logits(hidden)
+        param.data = param.data.T.contiguous().T
+        assert not native.serves_logits(hidden, param)
+        torch.testing.assert_close(model.compute_logits(hidden), expected)
 
 
 @pytest.mark.parametrize("isa", ISAS)

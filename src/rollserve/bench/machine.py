@@ -5,7 +5,8 @@ weight stream of a one-row step comes to it, and how much the matmul speed drift
 
 Run it next to a benchmark to read that benchmark's spread. The read bandwidth is a
 two-thread `torch.sum` over 1 GB (the peer); the weight stream is Qwen2.5-0.5B's linears and
-lm_head (988 MB, bench.cpu_kernels' weights) at one row through the engine's matmul path. The
+lm_head (988 MB, bench.cpu_kernels' weights) at one row through the layer-by-layer path's
+matmuls (oneDNN, or the AMX kernel; the engine's steps of 1-3 rows use decode_layers'). The
 drift probe repeats one bf16 prefill-sized matmul (oneDNN, AMX) and reports its speed in
 one-second windows: on a shared VM it moves by whole factors while the code stays the same.
 """

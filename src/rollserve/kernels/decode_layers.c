@@ -35,7 +35,7 @@
 #include "decode_attention.h"
 #include "elementwise.h"
 
-#define MAX_ROWS 3 /* decode_layers.py: beyond 3 rows oneDNN's matmuls win over dot_rows */
+#define MAX_ROWS 3 /* decode_layers.py: from 4 rows oneDNN's matmuls win over dot_rows */
 #define Q_SIZE (KV_HEADS * GROUP * HEAD_DIM)
 #define KV_SIZE (KV_HEADS * HEAD_DIM)
 #define QKV_SIZE (Q_SIZE + 2 * KV_SIZE)
@@ -57,7 +57,6 @@ static inline acc_t acc_zero(void) { return _mm512_setzero_ps(); }
 static inline float acc_sum(acc_t a, acc_t b, acc_t c, acc_t d) {
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
 }
-#define ROW_TILE 3 /* 3 rows x UNROLL accumulators, a weight chunk: 13 of 32 registers */
 #else
 #define DOT_STEP LANES
 typedef vfloat acc_t;
@@ -68,7 +67,6 @@ static inline acc_t acc_zero(void) { return vzero(); }
 static inline float acc_sum(acc_t a, acc_t b, acc_t c, acc_t d) {
     return reduce_add((a + b) + (c + d));
 }
-#define ROW_TILE (VREGS >= 32 ? 3 : 1)
 #endif
 
 /* One layer's parameters, in the order decode_layers.py fills them. NULL: absent. */
@@ -76,19 +74,19 @@ struct LayerWeights {
     const ELEM *input_norm, *qkv, *qkv_bias, *q_norm, *k_norm, *o, *post_norm, *gate_up, *down;
 };
 
-/* dots[first_row + r][f] = x[first_row + r] . w[f] for `rows` rows of x and `count` weight
- * rows of k values from w, one weight row after another: a thread's share of a projection
- * streams in address order. (Reading eight weight rows side by side, a chunk of each in
- * turn, batch-1 decode was 1.13x slower at ~80 GB/s: BENCHMARKS.md, "Batch-1 decode: weight
- * rows in address order".) Inlined with `rows` constant: the accumulators stay in
- * registers, and each weight chunk loaded serves every row of the tile. */
+/* dots[r][f] = x[r] . w[f] for `rows` rows of x and `count` weight rows of k values from w,
+ * one weight row after another: a thread's share of a projection streams in address order.
+ * (Reading eight weight rows side by side, a chunk of each in turn, batch-1 decode was 1.13x
+ * slower at ~80 GB/s: BENCHMARKS.md, "Batch-1 decode: weight rows in address order".)
+ * Inlined with `rows` constant: the accumulators stay in registers (MAX_ROWS x UNROLL of
+ * them, a weight chunk and an x chunk: 14 of AVX2's 16), and each weight chunk loaded serves
+ * every row. */
 static inline __attribute__((always_inline)) void dot_tile(
-    const ELEM *x, int64_t first_row, const int rows, const ELEM *w, int64_t k, int64_t count,
+    const ELEM *x, const int rows, const ELEM *w, int64_t k, int64_t count,
     float dots[MAX_ROWS][BLOCK]) {
-    const ELEM *xr = x + first_row * k;
     for (int64_t f = 0; f < count; f++) {
         const ELEM *wf = w + f * k;
-        acc_t acc[ROW_TILE][UNROLL];
+        acc_t acc[MAX_ROWS][UNROLL];
         for (int r = 0; r < rows; r++)
             for (int u = 0; u < UNROLL; u++) acc[r][u] = acc_zero();
         int64_t c = 0;
@@ -96,25 +94,28 @@ static inline __attribute__((always_inline)) void dot_tile(
             for (int u = 0; u < UNROLL; u++) {
                 const chunk_t wv = load_chunk(wf + c + u * DOT_STEP);
                 for (int r = 0; r < rows; r++)
-                    acc[r][u] = dot_chunk(acc[r][u], wv, load_chunk(xr + r * k + c + u * DOT_STEP));
+                    acc[r][u] = dot_chunk(acc[r][u], wv, load_chunk(x + r * k + c + u * DOT_STEP));
             }
         for (; c < k; c += DOT_STEP) {
             const chunk_t wv = load_chunk(wf + c);
             for (int r = 0; r < rows; r++)
-                acc[r][0] = dot_chunk(acc[r][0], wv, load_chunk(xr + r * k + c));
+                acc[r][0] = dot_chunk(acc[r][0], wv, load_chunk(x + r * k + c));
         }
         for (int r = 0; r < rows; r++)
-            dots[first_row + r][f] = acc_sum(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+            dots[r][f] = acc_sum(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
     }
 }
 
-/* dots[r][f] = x[r] . w[f] for rows r < n and the `count` weight rows from w, ROW_TILE rows
- * of x at a time. */
+/* dots[r][f] = x[r] . w[f] for rows r < n (1 to MAX_ROWS) and the `count` weight rows from w:
+ * one pass over the weight rows whatever n is. */
+_Static_assert(MAX_ROWS == 3, "dot_rows has a case for each row count");
 static inline void dot_rows(const ELEM *x, int64_t n, const ELEM *w, int64_t k, int64_t count,
                             float dots[MAX_ROWS][BLOCK]) {
-    int64_t r = 0;
-    for (; r + ROW_TILE <= n; r += ROW_TILE) dot_tile(x, r, ROW_TILE, w, k, count, dots);
-    for (; r < n; r++) dot_tile(x, r, 1, w, k, count, dots);
+    switch (n) {
+    case 1: dot_tile(x, 1, w, k, count, dots); break;
+    case 2: dot_tile(x, 2, w, k, count, dots); break;
+    default: dot_tile(x, 3, w, k, count, dots); break;
+    }
 }
 
 /* out [n, features] = round(x [n, k] . w^T + bias): this thread's share of the blocks. */

@@ -21,9 +21,9 @@ from rollserve.kernels.build import FLOAT, INT, INT64, POINTER
 logger = logging.getLogger(__name__)
 
 # decode_layers.c's MAX_ROWS. At 1-3 rows the kernel's step beats layer-by-layer (1.30-1.37x at
-# one row, 1.18-1.19 at two, 1.05-1.09 at three in bf16 at ~80 GB/s). From four rows oneDNN's matmuls won
-# when last measured, before the products read weight rows in address order (BENCHMARKS.md,
-# "Batch-1 decode in one native call" and "Batch-1 decode: weight rows in address order").
+# one row, 1.18-1.19 at two, 1.05-1.09 at three in bf16 at ~80 GB/s); from four rows oneDNN's
+# matmuls win, even with a 4-row tile (BENCHMARKS.md, "Batch-1 decode in one native call" and
+# "Batch-1 decode: weight rows in address order").
 MAX_ROWS = 3
 _DOT_STEP = 32  # the dot products' step: hidden, intermediate and query sizes divide by it
 

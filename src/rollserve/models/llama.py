@@ -187,8 +187,12 @@ class NativeDecode:
     def weights_replaced(self) -> None:
         self._table = None
 
-    def serves_logits(self, hidden: torch.Tensor) -> bool:
-        return 0 < hidden.shape[0] <= self.kernel.max_rows
+    def serves_logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether the kernel takes this lm_head: few rows, and a weight as it reads them (a
+        parameter swapped in by hand may be another layout: oneDNN then takes it)."""
+        kernel = self.kernel
+        return (0 < hidden.shape[0] <= kernel.max_rows and weight.dtype == kernel.dtype
+                and weight.is_contiguous() and weight.device.type == "cpu")
 
     def logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return self.kernel.logits(hidden.contiguous(), weight)
@@ -349,13 +353,15 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in the model dtype for the given rows only (the lm_head is costly: pick rows
         first), over the whole vocab on every rank. Consumers convert to float32 where they
-        need it: greedy argmax does not. Few rows take the decode-layers kernel's products
-        where it runs: they stream the weight faster than oneDNN's at one row."""
+        need it: greedy argmax does not. Steps of 1-3 logit rows take the decode-layers
+        kernel's products where it runs (they stream the weight faster than oneDNN's at one
+        row), except where the AMX kernel runs (bf16 on AMX CPUs): it keeps the few-row
+        matmuls it was measured on."""
         tied = self.config.tie_word_embeddings
         native = self.model.native_decode
-        if native is not None and native.serves_logits(hidden):
-            return native.logits(hidden, self.model.embed_tokens.weight if tied
-                                 else self.lm_head.weight)
+        weight = self.model.embed_tokens.weight if tied else self.lm_head.weight
+        if native is not None and self.amx is None and native.serves_logits(hidden, weight):
+            return native.logits(hidden, weight)
         if not tied:
             logits = self.lm_head(hidden)
         else:
