@@ -17,15 +17,21 @@ from rollserve.kernels.amx_linear import AmxLinear
 from rollserve.models.parallel import Shard
 
 _PACK_BATCH_HINT = 64  # the layout suits any batch; 64 is a typical decode batch
+# oneDNN's float32 product sums in the same order over a packed weight as over the plain one
+# (from two rows on) only for output features in multiples of 64 on every ISA: on AVX2 alone
+# 40, 100 or 1000 features gave other bits (BENCHMARKS.md, "float32 packing on AVX2").
+_FLOAT32_PACK_FEATURES = 64
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    """oneDNN packs float32 everywhere and bf16 on any AVX-512 CPU, but fp16 only where the
-    CPU converts fp16 itself (avx512_fp16 or avx_ne_convert): elsewhere its reorder raises."""
+    """oneDNN packs float32 everywhere (here: where the packed product keeps the plain one's
+    bits, so a result never depends on whether an updated weight was repacked yet) and bf16
+    on any AVX-512 CPU, but fp16 only where the CPU converts fp16 itself (avx512_fp16 or
+    avx_ne_convert): elsewhere its reorder raises."""
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     if weight.dtype == torch.float32:
-        return True
+        return weight.shape[0] % _FLOAT32_PACK_FEATURES == 0
     if weight.dtype == torch.bfloat16:
         return torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return weight.dtype == torch.float16 and torch.ops.mkldnn._is_mkldnn_fp16_supported()

@@ -185,7 +185,7 @@ class WeightUpdater:
             if self.device.type == "cpu":
                 self.spare[name] = free
             param = self.model.prepacked_param(name)
-            if param is not None and can_pack(weight):
+            if param is not None and can_pack(self.model.get_parameter(param)):
                 self.unpacked[param] = None
 
     def pack_some(self, count: int | None) -> None:
