@@ -20,8 +20,8 @@ from rollserve.kernels.build import FLOAT, INT, INT64, POINTER
 
 logger = logging.getLogger(__name__)
 
-# decode_layers.c's MAX_ROWS. At 1-3 rows the kernel's step beats layer-by-layer (1.30-1.37x at
-# one row, 1.18-1.19 at two, 1.05-1.09 at three in bf16 at ~80 GB/s); from four rows oneDNN's
+# decode_layers.c's MAX_ROWS. At 1-3 rows the kernel's step beats layer-by-layer (1.47x at one
+# row, 1.31 at two, 1.17 at three in bf16 at ~80 GB/s); from four rows oneDNN's
 # matmuls win, even with a 4-row tile (BENCHMARKS.md, "Batch-1 decode in one native call" and
 # "Batch-1 decode: weight rows in address order").
 MAX_ROWS = 3
@@ -153,7 +153,6 @@ class DecodeLayers:
         if status != 0:
             raise MemoryError("decode layers could not allocate their scratch buffer")
         return x, residual
-
 
     def logits(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x [n, hidden] (n <= MAX_ROWS) times weight [vocab, hidden] transposed: [n, vocab]
