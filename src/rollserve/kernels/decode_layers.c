@@ -44,6 +44,7 @@
 /* Partial sums kept for each (row, weight row): one chain of dot instructions would wait
  * out their latency on every chunk; UNROLL independent chains do not. */
 #define UNROLL 4
+_Static_assert(UNROLL == 4, "acc_sum adds four partial sums");
 
 #if ELEM_IS_BF16 && defined(__AVX512BF16__)
 #define DOT_STEP 32 /* vdpbf16ps: 32 bf16 products summed pairwise into 16 float32 lanes */
