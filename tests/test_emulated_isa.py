@@ -11,9 +11,11 @@ import pytest
 from rollserve.bench import emulated_isa
 from rollserve.kernels.build import runnable_isas
 
-PROBES = ("import torch; print(torch.cpu._is_avx512_supported(), "
-          "torch.cpu._is_avx512_bf16_supported(), torch.cpu._is_amx_tile_supported(), "
-          "torch.backends.cpu.get_cpu_capability())")
+PROBES = ("import os, torch; print(torch.cpu._is_avx512_supported(), "
+          "torch.cpu._is_avx512_bf16_supported(), torch.cpu._is_vnni_supported(), "
+          "torch.cpu._is_amx_tile_supported(), "
+          "torch.cpu._is_avx2_supported(), torch.backends.cpu.get_cpu_capability(), "
+          "os.environ.get('SHADOWED_SITECUSTOMIZE'))")
 
 
 def _clear_settings(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -40,12 +42,18 @@ def test_every_process_of_the_emulation_sees_avx2_and_no_avx512_or_amx(
 ) -> None:
     _clear_settings(monkeypatch)
     monkeypatch.setenv("ROLLSERVE_CACHE", str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", "/kept/on/the/path")
+    # A sitecustomize already on the path (a distribution's, a venv's) still runs after the
+    # emulation's, which shadows it.
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "sitecustomize.py").write_text(
+        "import os\nos.environ['SHADOWED_SITECUSTOMIZE'] = 'ran'\n")
+    monkeypatch.setenv("PYTHONPATH", str(kept))
     env = emulated_isa.emulation_env("avx2")
-    assert env["PYTHONPATH"].split(os.pathsep)[1:] == ["/kept/on/the/path"]
+    assert env["PYTHONPATH"].split(os.pathsep)[1:] == [str(kept)]
     done = subprocess.run([sys.executable, "-c", PROBES], env=env, capture_output=True,
                           text=True, check=True)
-    assert done.stdout.split() == ["False", "False", "False", "AVX2"]
+    assert done.stdout.split() == ["False"] * 4 + ["True", "AVX2", "ran"]
     monkeypatch.setattr(os, "environ", env)
     assert emulated_isa.emulated() == "avx2"
 

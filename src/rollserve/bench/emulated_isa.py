@@ -7,8 +7,11 @@ PyTorch's own kernels (ATEN_CPU_CAPABILITY) and oneDNN's matmuls (ONEDNN_MAX_CPU
 read once, at first use, hence the benchmark re-runs itself with them set. Both engines also
 decide by torch.cpu's AVX-512/AMX probes (rollserve its `auto` dtype and AMX kernel, vLLM its
 kernel library, vllm._C_AVX2 or an AVX-512 one, and its attention code), so a sitecustomize
-on PYTHONPATH makes those answer False in every process. Caches, memory bandwidth and clocks
-stay this CPU's: the figures stand in for the AVX2-only machine, they do not measure it.
+on PYTHONPATH makes those answer False in every process. oneDNN's bf16 probe keeps its answer
+(replacing an op breaks torch's export code in vLLM), so rollserve in bf16, not its `auto`
+dtype here, still packs bf16 weights as it would not on such a CPU. Caches, memory bandwidth
+and clocks stay this CPU's: the figures stand in for the AVX2-only machine, they do not
+measure it.
 """
 
 from __future__ import annotations
@@ -28,18 +31,31 @@ SETTINGS: dict[str, dict[str, str]] = {
 # the probes as they are, so they do not count as the emulation.
 MARKER = "ROLLSERVE_EMULATED_ISA"
 # Imported first by every Python process that has its folder on PYTHONPATH (pip's too, while
-# vLLM's venv is built before torch is in it: hence the guard).
+# vLLM's venv is built before torch is in it: hence the guard). Every probe of torch.cpu but
+# AVX2's answers False. A sitecustomize this one shadows (a distribution's, a venv's) runs
+# after it, as Python would have run it.
 _SITECUSTOMIZE = '''"""rollserve.bench.emulated_isa: as on a CPU without AVX-512 or AMX."""
+import importlib.machinery
+import importlib.util
+import os
+import sys
+
 try:
     import torch.cpu
 except ImportError:
     pass
 else:
-    for _probe in ("_is_avx512_supported", "_is_avx512_vnni_supported",
-                   "_is_avx512_bf16_supported", "_is_amx_tile_supported",
-                   "_is_amx_fp16_supported"):
-        if hasattr(torch.cpu, _probe):
+    for _probe in dir(torch.cpu):
+        if _probe.startswith("_is_") and _probe.endswith("_supported") \\
+                and _probe != "_is_avx2_supported":
             setattr(torch.cpu, _probe, lambda: False)
+
+_here = os.path.dirname(os.path.abspath(__file__))
+_rest = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _here]
+_spec = importlib.machinery.PathFinder.find_spec("sitecustomize", _rest)
+if _spec is not None and _spec.loader is not None:
+    _shadowed = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_shadowed)
 '''
 
 
