@@ -3,6 +3,7 @@ transformers `generate`, or vLLM's CPU build (its own venv, bench.vllm_env, made
 
     python -m rollserve.bench.offline --preset qwen2.5-0.5b --num-prompts 128 --compare hf
     python -m rollserve.bench.offline --preset qwen2.5-0.5b --num-prompts 128 --compare vllm
+    python -m rollserve.bench.offline --preset qwen2.5-0.5b --compare vllm --repeats 3
 
 Workload: prompt lengths uniform in [64, 512], output lengths uniform in [32, 256], random
 token ids, ignore_eos, greedy, fixed seed. The HF peer takes requests in arrival order in
@@ -11,7 +12,9 @@ is credited only with each request's own target tokens. vLLM gets the same reque
 limits (running requests, tokens per step) and KV-cache bytes, its recommended CPU settings
 (printed), and no prefix caching (rollserve's radix cache is off too); both are timed from
 the first request to the last output, after start-up, which is reported on its own, with
-each engine's peak resident memory.
+each engine's peak resident memory. `--repeats N` runs N such rounds, the peer first in every
+other one, and reports the median round (by speedup): the issue's targets are medians of
+interleaved runs.
 """
 
 from __future__ import annotations
@@ -405,8 +408,12 @@ def main(argv: list[str] | None = None) -> None:
     kv_gib = args.kv_cache_gib or (2 if args.compare == "vllm" else None)
     workload = make_workload(args.num_prompts, load_model_config(path).vocab_size, args.seed,
                              tuple(args.prompt_len), tuple(args.output_len))
-    runs = [run_round(args, path, workload, kv_gib, peer_first=index % 2 == 1)
-            for index in range(args.repeats)]
+    runs: list[Round] = []
+    for index in range(args.repeats):
+        runs.append(run_round(args, path, workload, kv_gib, peer_first=index % 2 == 1))
+        if args.repeats > 1:  # progress: a round of the vLLM workload takes minutes
+            print(f"round {index + 1} of {args.repeats}: " + ", ".join(
+                f"{r.name} {r.seconds:.1f} s" for r in runs[-1].results), flush=True)
     # With a peer, the round of the median speedup; without, of the median seconds.
     middle = median_item(runs, key=lambda run: run.speedup if len(run.results) > 1
                          else run.results[0].seconds)
