@@ -19,7 +19,8 @@ def test_repeated_rounds_print_each_round_and_the_median_speedup(tiny_model_fact
                     "--prompt-len", "4", "8", "--output-len", "2", "4", "--compare", "hf",
                     "--repeats", "3")
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = re.findall(r"^ +(\d) +[\d.]+ +[\d.]+ / [\d.]+ +[\d.]+ +([\d.]+) +[\d.-]+$",
+    # round, rollserve s, prefill / decode s, peak GiB, peer s, speedup, batch-1 of floor
+    rows = re.findall(r"^ +(\d) +[\d.]+ +[\d.]+ / [\d.]+ +[\d.]+ +[\d.]+ +([\d.]+) +[\d.-]+$",
                       done.stdout, re.MULTILINE)
     assert [number for number, _ in rows] == ["1", "2", "3"], done.stdout
     speedups = [float(speedup) for _, speedup in rows]
@@ -27,7 +28,9 @@ def test_repeated_rounds_print_each_round_and_the_median_speedup(tiny_model_fact
                       re.MULTILINE)
     assert final is not None, done.stdout
     assert float(final.group(1)) == statistics.median(speedups)
-    assert done.stdout.count("hf-transformers (batch 32)") == 1  # the median round's table
+    # a progress line a round, then the median round's table
+    assert len(re.findall(r"^round \d of 3: rollserve ", done.stdout, re.MULTILINE)) == 3
+    assert len(re.findall(r"^hf-transformers \(batch 32\) ", done.stdout, re.MULTILINE)) == 1
 
 
 def test_fewer_than_one_round_is_refused() -> None:

@@ -20,11 +20,15 @@ interleaved runs.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import random
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -46,6 +50,8 @@ from rollserve.models.config import load_model_config
 from rollserve.models.loader import resolve_dtype
 from rollserve.models.local_cache import ensure_tiny_model
 from rollserve.utils.dtypes import dtype_name
+
+T = TypeVar("T")
 
 RESULT_COLUMNS = [Column("run", 28, align="<"), Column("requests", 9),
                   Column("out tokens", 12), Column("seconds", 10, ".1f"),
@@ -345,7 +351,7 @@ def run_round(args: argparse.Namespace, path: Path, workload: Workload, kv_gib: 
     peer: tuple[RunResult, dict] | None = None
     if peer_first:
         peer = run_peer_engine(args, path, workload, dtype, kv_gib)
-    ours = run_rollserve(args, path, workload, kv_size)
+    ours = in_fresh_process(run_rollserve, args, path, workload, kv_size)
     if not peer_first:
         peer = run_peer_engine(args, path, workload, dtype, kv_gib)
     if peer is not None:
@@ -357,11 +363,23 @@ def run_round(args: argparse.Namespace, path: Path, workload: Workload, kv_gib: 
     return ours
 
 
+def in_fresh_process(fn: Callable[..., T], *args: object) -> T:
+    """fn(*args) in a new (spawned) Python process, as vLLM's peer runs: nothing of an earlier
+    run carries over. In one process a second engine counted the first one's freed heap in
+    its peak memory (2.4 GiB became 6.8), and after the HF peer had run on the main thread,
+    with a second OpenMP team in the process, batch-1 decode fell from 0.95 to 0.84 of the
+    floor."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def run_peer_engine(args: argparse.Namespace, path: Path, workload: Workload,
                     dtype: torch.dtype, kv_gib: int | None) -> tuple[RunResult, dict] | None:
     """The --compare peer's run (HF or vLLM) and its details (start-up, memory), if any."""
     if args.compare == "hf":
-        return run_hf(path, workload, args.hf_batch_size, dtype, args.device), {}
+        return in_fresh_process(run_hf, path, workload, args.hf_batch_size, dtype,
+                                args.device), {}
     if args.compare == "vllm":
         return run_vllm(path, workload, dtype, kv_gib, args.max_running_requests,
                         args.chunked_prefill_size)
@@ -386,7 +404,7 @@ def print_round(run: Round, kv_gib: int | None) -> None:
 def print_rounds(runs: list[Round]) -> None:
     with_peer = len(runs[0].results) > 1
     columns = [Column("round", 7), Column("rollserve s", 13, ".1f"),
-               Column("prefill / decode s", 20),
+               Column("prefill / decode s", 20), Column("peak GiB", 10, ".2f"),
                *([Column("peer s", 9, ".1f"), Column("speedup", 9, ".2f")] if with_peer else []),
                Column("batch-1 of floor", 18)]
     print_table(columns, [_round_row(index + 1, run, with_peer) for index, run in enumerate(runs)],
@@ -398,7 +416,8 @@ def _round_row(number: int, run: Round, with_peer: bool) -> tuple[object, ...]:
     peer = (run.results[1].seconds, run.speedup) if with_peer else ()
     batch1 = f"{median_item(run.batch1, key=lambda w: w.of_floor).of_floor:.2f}" \
         if run.batch1 else "-"
-    return (number, run.results[0].seconds, steps, *peer, batch1)
+    return (number, run.results[0].seconds, steps, run.peak_memory["rollserve"] / 2**30, *peer,
+            batch1)
 
 
 def main(argv: list[str] | None = None) -> None:
