@@ -290,7 +290,7 @@ class Round:
     """One run of rollserve and of its peer (if any) on the workload, each started afresh."""
 
     results: list[RunResult]  # rollserve's first
-    startup: dict[str, float]  # seconds, by run name's engine
+    startup: dict[str, float]  # seconds, by run name
     peak_memory: dict[str, int]  # bytes
     steps: dict[str, float]  # rollserve's step counts and seconds (Engine.stats)
     max_running: int
