@@ -43,16 +43,20 @@ def test_every_process_of_the_emulation_sees_avx2_and_no_avx512_or_amx(
     _clear_settings(monkeypatch)
     monkeypatch.setenv("ROLLSERVE_CACHE", str(tmp_path))
     # A sitecustomize already on the path (a distribution's, a venv's) still runs after the
-    # emulation's, which shadows it.
+    # emulation's, which shadows it; the emulation's folder listed again, under another name,
+    # does not make it run itself in turn.
     kept = tmp_path / "kept"
     kept.mkdir()
     (kept / "sitecustomize.py").write_text(
         "import os\nos.environ['SHADOWED_SITECUSTOMIZE'] = 'ran'\n")
-    monkeypatch.setenv("PYTHONPATH", str(kept))
+    (tmp_path / "emulated-isa").mkdir()
+    (tmp_path / "again").symlink_to(tmp_path / "emulated-isa")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "again"), str(kept)]))
     env = emulated_isa.emulation_env("avx2")
-    assert env["PYTHONPATH"].split(os.pathsep)[1:] == [str(kept)]
+    assert env["PYTHONPATH"].split(os.pathsep)[2:] == [str(kept)]
     done = subprocess.run([sys.executable, "-c", PROBES], env=env, capture_output=True,
                           text=True, check=True)
+    assert "Error in sitecustomize" not in done.stderr, done.stderr
     assert done.stdout.split() == ["False"] * 4 + ["True", "AVX2", "ran"]
     monkeypatch.setattr(os, "environ", env)
     assert emulated_isa.emulated() == "avx2"

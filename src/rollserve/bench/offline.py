@@ -47,9 +47,10 @@ from rollserve.bench.vllm_peer import peak_rss
 from rollserve.engine.args import DEFAULT_CHUNKED_PREFILL_SIZE
 from rollserve.engine.kv_pool import bytes_per_token
 from rollserve.models.config import load_model_config
-from rollserve.models.loader import resolve_dtype
+from rollserve.models.loader import resolve_device, resolve_dtype
 from rollserve.models.local_cache import ensure_tiny_model
 from rollserve.utils.dtypes import dtype_name
+from rollserve.utils.process import die_with_parent
 
 T = TypeVar("T")
 
@@ -274,14 +275,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "with --compare vllm both engines get the same)")
     parser.add_argument("--hf-batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=1,
-                        help="rounds of both engines, interleaved (the peer first in every "
-                             "other round), each engine started afresh in each; prints every "
-                             "round and the figures of the median one (the VM's speed drifts "
-                             "between runs)")
+                        help="an odd number of rounds of both engines, interleaved (the peer "
+                             "first in every other round), each engine started afresh in each; "
+                             "prints every round and the figures of the median one (the VM's "
+                             "speed drifts between runs)")
     emulated_isa.add_emulate_isa(parser)
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
+    if args.repeats < 1 or args.repeats % 2 == 0:
+        # An odd count has one median round; of two, either would flatter or slight a side.
+        parser.error("--repeats must be odd (1, 3, 5, ...): the median is then one round")
     return args
 
 
@@ -298,24 +300,26 @@ class Round:
     model_line: str
 
     @property
+    def with_peer(self) -> bool:
+        return len(self.results) > 1
+
+    @property
     def speedup(self) -> float:
-        """rollserve's output throughput over the peer's (1.0 without a peer)."""
-        if len(self.results) < 2:
-            return 1.0
+        """rollserve's output throughput over the peer's (with_peer rounds)."""
         return self.results[0].output_throughput / self.results[1].output_throughput
 
 
-def run_rollserve(args: argparse.Namespace, path: Path, workload: Workload,
-                  kv_size: int | None) -> Round:
+def run_rollserve(args: argparse.Namespace, setup: Setup) -> Round:
     """rollserve's half of a round: start-up, the workload, then batch-1 decode."""
+    path, workload = setup.path, setup.workload
     # Peak memory is sampled from before start-up to the end of the run, as vllm_peer does.
     stop, peak = threading.Event(), [0]
     sampler = threading.Thread(target=peak_rss, args=(stop, peak), daemon=True)
     sampler.start()
     started = time.perf_counter()
     engine = Engine(
-        str(path), dtype=args.dtype, device=args.device,
-        max_total_tokens=args.max_total_tokens or kv_size or args.num_prompts * 800,
+        str(path), dtype=args.dtype, device=setup.device,
+        max_total_tokens=args.max_total_tokens or setup.kv_size or args.num_prompts * 800,
         max_running_requests=args.max_running_requests,
         chunked_prefill_size=args.chunked_prefill_size, disable_radix_cache=True,
         disable_native_kernels=args.disable_native_kernels, tp_size=args.tp_size,
@@ -343,17 +347,38 @@ def run_rollserve(args: argparse.Namespace, path: Path, workload: Workload,
         engine.shutdown()
 
 
-def run_round(args: argparse.Namespace, path: Path, workload: Workload, kv_gib: int | None,
-              peer_first: bool) -> Round:
+@dataclass(slots=True, frozen=True)
+class Setup:
+    """What every round shares: the model, its dtype and device, the workload and KV sizes."""
+
+    path: Path
+    dtype: torch.dtype
+    device: str
+    workload: Workload
+    kv_gib: int | None  # each engine's KV cache in GiB (None: room for the workload)
+    kv_size: int | None  # tokens that kv_gib holds
+
+
+def make_setup(args: argparse.Namespace) -> Setup:
+    path = Path(args.model_path) if args.model_path else ensure_tiny_model(args.preset)
+    config = load_model_config(path)
+    device = resolve_device(args.device)
+    kv_gib = args.kv_cache_gib or (2 if args.compare == "vllm" else None)
+    workload = make_workload(args.num_prompts, config.vocab_size, args.seed,
+                             tuple(args.prompt_len), tuple(args.output_len))
+    kv_size = kv_tokens(path, args.dtype, str(device), kv_gib) if kv_gib else None
+    return Setup(path, resolve_dtype(args.dtype, config, device), str(device), workload, kv_gib,
+                 kv_size)
+
+
+def run_round(args: argparse.Namespace, setup: Setup, peer_first: bool) -> Round:
     """rollserve and the --compare peer, each on the workload; the peer first if asked."""
-    kv_size = kv_tokens(path, args.dtype, args.device, kv_gib) if kv_gib else None
-    dtype = resolve_dtype(args.dtype, load_model_config(path), torch.device(args.device))
     peer: tuple[RunResult, dict] | None = None
     if peer_first:
-        peer = run_peer_engine(args, path, workload, dtype, kv_gib)
-    ours = in_fresh_process(run_rollserve, args, path, workload, kv_size)
+        peer = run_peer_engine(args, setup)
+    ours = in_fresh_process(run_rollserve, args, setup)
     if not peer_first:
-        peer = run_peer_engine(args, path, workload, dtype, kv_gib)
+        peer = run_peer_engine(args, setup)
     if peer is not None:
         result, details = peer
         ours.results.append(result)
@@ -370,19 +395,21 @@ def in_fresh_process(fn: Callable[..., T], *args: object) -> T:
     with a second OpenMP team in the process, batch-1 decode fell from 0.95 to 0.84 of the
     floor."""
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+    # die_with_parent: a benchmark killed mid-round (a timeout, ^C twice) takes its run along.
+    with ProcessPoolExecutor(max_workers=1, mp_context=context,
+                             initializer=die_with_parent) as pool:
         return pool.submit(fn, *args).result()
 
 
-def run_peer_engine(args: argparse.Namespace, path: Path, workload: Workload,
-                    dtype: torch.dtype, kv_gib: int | None) -> tuple[RunResult, dict] | None:
+def run_peer_engine(args: argparse.Namespace, setup: Setup) -> tuple[RunResult, dict] | None:
     """The --compare peer's run (HF or vLLM) and its details (start-up, memory), if any."""
     if args.compare == "hf":
-        return in_fresh_process(run_hf, path, workload, args.hf_batch_size, dtype,
-                                args.device), {}
+        return in_fresh_process(run_hf, setup.path, setup.workload, args.hf_batch_size,
+                                setup.dtype, setup.device), {}
     if args.compare == "vllm":
-        return run_vllm(path, workload, dtype, kv_gib, args.max_running_requests,
-                        args.chunked_prefill_size)
+        assert setup.kv_gib is not None, "make_setup gives vLLM a KV size"
+        return run_vllm(setup.path, setup.workload, setup.dtype, setup.kv_gib,
+                        args.max_running_requests, args.chunked_prefill_size)
     return None
 
 
@@ -402,9 +429,9 @@ def print_round(run: Round, kv_gib: int | None) -> None:
 
 
 def print_rounds(runs: list[Round]) -> None:
-    with_peer = len(runs[0].results) > 1
+    with_peer = runs[0].with_peer
     columns = [Column("round", 7), Column("rollserve s", 13, ".1f"),
-               Column("prefill / decode s", 20), Column("peak GiB", 10, ".2f"),
+               Column("prefill / decode s", 20), Column("rollserve GiB", 15, ".2f"),
                *([Column("peer s", 9, ".1f"), Column("speedup", 9, ".2f")] if with_peer else []),
                Column("batch-1 of floor", 18)]
     print_table(columns, [_round_row(index + 1, run, with_peer) for index, run in enumerate(runs)],
@@ -423,28 +450,27 @@ def _round_row(number: int, run: Round, with_peer: bool) -> tuple[object, ...]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     emulated_isa.run_emulated(args.emulate_isa, "rollserve.bench.offline", argv)
-    path = Path(args.model_path) if args.model_path else ensure_tiny_model(args.preset)
-    kv_gib = args.kv_cache_gib or (2 if args.compare == "vllm" else None)
-    workload = make_workload(args.num_prompts, load_model_config(path).vocab_size, args.seed,
-                             tuple(args.prompt_len), tuple(args.output_len))
+    setup = make_setup(args)
     runs: list[Round] = []
     for index in range(args.repeats):
-        runs.append(run_round(args, path, workload, kv_gib, peer_first=index % 2 == 1))
+        peer_first = index % 2 == 1
+        runs.append(run_round(args, setup, peer_first))
         if args.repeats > 1:  # progress: a round of the vLLM workload takes minutes
-            print(f"round {index + 1} of {args.repeats}: " + ", ".join(
+            order = " (the peer first)" if peer_first and runs[-1].with_peer else ""
+            print(f"round {index + 1} of {args.repeats}{order}: " + ", ".join(
                 f"{r.name} {r.seconds:.1f} s" for r in runs[-1].results), flush=True)
     # With a peer, the round of the median speedup; without, of the median seconds.
-    middle = median_item(runs, key=lambda run: run.speedup if len(run.results) > 1
-                         else run.results[0].seconds)
+    number, middle = median_item(list(enumerate(runs, 1)), key=lambda item: (
+        item[1].speedup if item[1].with_peer else item[1].results[0].seconds))
     print(middle.model_line)
     print(cpu_line())
     if len(runs) > 1:
         print(f"{len(runs)} rounds" + (", the peer first in every other one" if
-                                       len(middle.results) > 1 else "")
-              + f"; the figures below are the median round's (round {runs.index(middle) + 1})")
+                                       middle.with_peer else "")
+              + f"; the figures below are the median round's (round {number})")
         print_rounds(runs)
-    print_round(middle, kv_gib)
-    if len(middle.results) > 1:
+    print_round(middle, setup.kv_gib)
+    if middle.with_peer:
         peer = "vllm" if args.compare == "vllm" else "hf"
         print_ratio(f"speedup_vs_{peer}", middle.speedup,
                     f" (median of {len(runs)} rounds)" if len(runs) > 1 else "")

@@ -49,10 +49,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def _prepare_child(cpu_cores: Sequence[int] | None, die_with_parent: bool) -> None:
-    if die_with_parent:
-        with contextlib.suppress(OSError):  # not Linux: the owner's explicit stop is the guard
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def die_with_parent() -> None:
+    """In a child process: Linux sends it SIGTERM when the thread that started it ends."""
+    with contextlib.suppress(OSError):  # not Linux: the owner's explicit stop is the guard
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _prepare_child(cpu_cores: Sequence[int] | None, with_parent: bool) -> None:
+    if with_parent:
+        die_with_parent()
     if cpu_cores:
         os.sched_setaffinity(0, cpu_cores)
 
@@ -73,12 +78,12 @@ class ManagedProcess:
         # Linux sends the parent-death signal when the *thread* that started the child ends,
         # so it is only set from the main thread (Ray actors start theirs there); children
         # started from other threads rely on stop() and the owner's atexit handler.
-        die_with_parent = threading.current_thread() is threading.main_thread()
+        on_main_thread = threading.current_thread() is threading.main_thread()
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={**os.environ, **self.env}, start_new_session=True,
-                preexec_fn=lambda: _prepare_child(cores, die_with_parent),
+                preexec_fn=lambda: _prepare_child(cores, on_main_thread),
             )
         return self.process.pid
 
