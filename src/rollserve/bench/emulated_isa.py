@@ -50,13 +50,13 @@ else:
                 and _probe != "_is_avx2_supported":
             setattr(torch.cpu, _probe, lambda: False)
 
-# The sitecustomize this one shadows: the first one in the entries after this file's own
-# folder (compared as real paths), never this file again, however often its folder is listed.
+# The sitecustomize this one shadows: the first in the entries after the last one that is this
+# file's folder (compared as real paths), so never this file again, however often (or under
+# whatever names) its folder is listed.
 _here = os.path.realpath(os.path.dirname(__file__))
 _real = [os.path.realpath(entry or os.curdir) for entry in sys.path]
 _after = len(_real) - _real[::-1].index(_here) if _here in _real else len(_real)
-_rest = [entry for entry, real in zip(sys.path[_after:], _real[_after:]) if real != _here]
-_spec = importlib.machinery.PathFinder.find_spec("sitecustomize", _rest)
+_spec = importlib.machinery.PathFinder.find_spec("sitecustomize", sys.path[_after:])
 if _spec is not None and _spec.loader is not None:
     _shadowed = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(_shadowed)

@@ -287,6 +287,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@dataclass(slots=True, frozen=True)
+class Setup:
+    """What every round shares: the model, its dtype and device, the workload and KV sizes."""
+
+    path: Path
+    dtype: torch.dtype
+    device: str
+    workload: Workload
+    kv_gib: int | None  # each engine's KV cache in GiB (None: room for the workload)
+    kv_size: int | None  # tokens that kv_gib holds
+
+
+def make_setup(args: argparse.Namespace) -> Setup:
+    path = Path(args.model_path) if args.model_path else ensure_tiny_model(args.preset)
+    config = load_model_config(path)
+    device = resolve_device(args.device)
+    kv_gib = args.kv_cache_gib or (2 if args.compare == "vllm" else None)
+    workload = make_workload(args.num_prompts, config.vocab_size, args.seed,
+                             tuple(args.prompt_len), tuple(args.output_len))
+    kv_size = kv_tokens(path, args.dtype, str(device), kv_gib) if kv_gib else None
+    return Setup(path, resolve_dtype(args.dtype, config, device), str(device), workload, kv_gib,
+                 kv_size)
+
+
 @dataclass(slots=True)
 class Round:
     """One run of rollserve and of its peer (if any) on the workload, each started afresh."""
@@ -345,30 +369,6 @@ def run_rollserve(args: argparse.Namespace, setup: Setup) -> Round:
     finally:
         stop.set()
         engine.shutdown()
-
-
-@dataclass(slots=True, frozen=True)
-class Setup:
-    """What every round shares: the model, its dtype and device, the workload and KV sizes."""
-
-    path: Path
-    dtype: torch.dtype
-    device: str
-    workload: Workload
-    kv_gib: int | None  # each engine's KV cache in GiB (None: room for the workload)
-    kv_size: int | None  # tokens that kv_gib holds
-
-
-def make_setup(args: argparse.Namespace) -> Setup:
-    path = Path(args.model_path) if args.model_path else ensure_tiny_model(args.preset)
-    config = load_model_config(path)
-    device = resolve_device(args.device)
-    kv_gib = args.kv_cache_gib or (2 if args.compare == "vllm" else None)
-    workload = make_workload(args.num_prompts, config.vocab_size, args.seed,
-                             tuple(args.prompt_len), tuple(args.output_len))
-    kv_size = kv_tokens(path, args.dtype, str(device), kv_gib) if kv_gib else None
-    return Setup(path, resolve_dtype(args.dtype, config, device), str(device), workload, kv_gib,
-                 kv_size)
 
 
 def run_round(args: argparse.Namespace, setup: Setup, peer_first: bool) -> Round:
